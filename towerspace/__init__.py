@@ -1,0 +1,6 @@
+"""towerspace: sweep convolutions from regular to depthwise separable, one tower count at a time."""
+
+from towerspace.block import Complexity, TowerConv2d, tower_complexity
+
+__version__ = "0.1.0"
+__all__ = ["Complexity", "TowerConv2d", "__version__", "tower_complexity"]

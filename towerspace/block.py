@@ -1,0 +1,274 @@
+"""TowerConv2d: a k×k convolution split into towers, paired with a 1×1 convolution."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+Order = Literal["spatial_first", "pointwise_first"]
+Mid = Literal["none", "relu", "elu", "bn", "bn_relu"]
+ORDERS: tuple[str, ...] = ("spatial_first", "pointwise_first")
+MIDS: tuple[str, ...] = ("none", "relu", "elu", "bn", "bn_relu")
+
+
+@dataclass(frozen=True)
+class Complexity:
+    """Cost of a layer or model per image: parameters and FLOPs (2 per multiply-add)."""
+
+    params: int
+    flops: int  # forward pass, counted as torch.utils.flop_counter counts convs and matmuls
+    height: int  # output height, so costs can be chained through a network
+    width: int
+
+    @property
+    def training_flops(self) -> int:
+        """Forward + backward: grad-input and grad-weight each cost one forward (3× forward)."""
+        return 3 * self.flops
+
+    def __add__(self, other: Complexity) -> Complexity:
+        return Complexity(
+            self.params + other.params, self.flops + other.flops, other.height, other.width
+        )
+
+    def as_dict(self) -> dict[str, int]:
+        """Parameters, forward FLOPs and training FLOPs as a plain dict."""
+        return {"params": self.params, "flops": self.flops, "training_flops": self.training_flops}
+
+
+def divisors(n: int) -> list[int]:
+    """All positive divisors of n, ascending."""
+    small = [d for d in range(1, int(n**0.5) + 1) if n % d == 0]
+    return sorted(set(small + [n // d for d in small]))
+
+
+def regime(towers: int, channels: int) -> str:
+    """Where a tower count sits: regular (1 tower), depthwise (1 per channel) or Inception-style."""
+    if towers == channels:
+        return "depthwise"
+    if towers == 1:
+        return "regular"
+    return "inception"
+
+
+def resolve_towers(
+    channels: int, towers: int | str | None = None, group_width: int | None = None
+) -> int:
+    """Exact tower count for `channels` from a count, 'regular', 'depthwise' or a group width."""
+    if (towers is None) == (group_width is None):
+        raise ValueError("give exactly one of towers or group_width")
+    if group_width is not None:
+        if isinstance(group_width, bool) or not isinstance(group_width, int) or group_width < 1:
+            raise ValueError(f"group_width must be a positive int, got {group_width!r}")
+        if channels % group_width:
+            valid = ", ".join(map(str, divisors(channels)))
+            raise ValueError(
+                f"group_width={group_width} does not divide the {channels} channels of the "
+                f"spatial convolution; valid group widths: {valid}"
+            )
+        return channels // group_width
+    if towers == "regular":
+        return 1
+    if towers == "depthwise":
+        return channels
+    if isinstance(towers, bool) or not isinstance(towers, int):
+        raise ValueError(f"towers must be an int, 'regular' or 'depthwise', got {towers!r}")
+    if towers < 1 or channels % towers:
+        valid = ", ".join(map(str, divisors(channels)))
+        raise ValueError(
+            f"towers={towers} does not divide the {channels} channels of the spatial "
+            f"convolution; valid tower counts: {valid}"
+        )
+    return towers
+
+
+def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not one of: {', '.join(allowed)}")
+
+
+def _out_size(size: int, kernel_size: int, stride: int, padding: int, dilation: int) -> int:
+    return (size + 2 * padding - dilation * (kernel_size - 1) - 1) // stride + 1
+
+
+def tower_complexity(
+    in_channels: int,
+    out_channels: int,
+    height: int,
+    width: int,
+    *,
+    kernel_size: int = 3,
+    stride: int = 1,
+    dilation: int = 1,
+    padding: int | None = None,
+    towers: int = 1,
+    order: str = "spatial_first",
+    mid: str = "none",
+    bias: bool = False,
+) -> Complexity:
+    """Parameters and FLOPs of a TowerConv2d per image, by formula, without building it."""
+    padding = dilation * (kernel_size - 1) // 2 if padding is None else padding
+    out_h = _out_size(height, kernel_size, stride, padding, dilation)
+    out_w = _out_size(width, kernel_size, stride, padding, dilation)
+    spatial = in_channels if order == "spatial_first" else out_channels
+    spatial_params = spatial * (spatial // towers) * kernel_size * kernel_size
+    pointwise_params = in_channels * out_channels
+    # spatial-first: both convs run at the output size; pointwise-first: the 1×1 runs at the input
+    pointwise_pixels = out_h * out_w if order == "spatial_first" else height * width
+    flops = 2 * (spatial_params * out_h * out_w + pointwise_params * pointwise_pixels)
+    params = spatial_params + pointwise_params
+    params += 2 * spatial if mid in ("bn", "bn_relu") else 0
+    params += out_channels if bias else 0
+    return Complexity(params, flops, out_h, out_w)
+
+
+class TowerConv2d(nn.Module):
+    """A k×k convolution on `towers` channel segments paired with a 1×1 convolution.
+
+    towers=1 is a regular convolution (after or before a 1×1), towers=channels a depthwise
+    separable convolution, and the counts in between are Inception-style modules.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        stride: int = 1,
+        dilation: int = 1,
+        towers: int | str | None = "depthwise",
+        *,
+        group_width: int | None = None,
+        order: Order = "spatial_first",
+        mid: Mid = "none",
+        padding: int | None = None,
+        bias: bool = False,
+    ) -> None:
+        super().__init__()
+        _check_choice("order", order, ORDERS)
+        _check_choice("mid", mid, MIDS)
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if group_width is not None:
+            towers = None
+        spatial = in_channels if order == "spatial_first" else out_channels
+        self.towers = resolve_towers(spatial, towers, group_width)
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.dilation = kernel_size, stride, dilation
+        self.padding = dilation * (kernel_size - 1) // 2 if padding is None else padding
+        self.order, self.mid, self.spatial_channels = order, mid, spatial
+        # only the second conv carries the bias: a bias before zero padding breaks as_conv2d()
+        self.spatial = nn.Conv2d(
+            spatial,
+            spatial,
+            kernel_size,
+            stride=stride,
+            padding=self.padding,
+            dilation=dilation,
+            groups=self.towers,
+            bias=bias and order == "pointwise_first",
+        )
+        self.pointwise = nn.Conv2d(
+            in_channels, out_channels, 1, bias=bias and order == "spatial_first"
+        )
+        self.between = _mid_module(mid, spatial)
+
+    @property
+    def group_width(self) -> int:
+        """Channels per tower of the spatial convolution."""
+        return self.spatial_channels // self.towers
+
+    @property
+    def regime(self) -> str:
+        """'regular', 'inception' or 'depthwise'."""
+        return regime(self.towers, self.spatial_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.order == "spatial_first":
+            return self.pointwise(self.between(self.spatial(x)))
+        return self.spatial(self.between(self.pointwise(x)))
+
+    def complexity(self, height: int, width: int) -> Complexity:
+        """Parameters and FLOPs per image for an input of height × width."""
+        return tower_complexity(
+            self.in_channels,
+            self.out_channels,
+            height,
+            width,
+            kernel_size=self.kernel_size,
+            stride=self.stride,
+            dilation=self.dilation,
+            padding=self.padding,
+            towers=self.towers,
+            order=self.order,
+            mid=self.mid,
+            bias=self.bias is not None,
+        )
+
+    @property
+    def bias(self) -> nn.Parameter | None:
+        """The block's output bias, if any."""
+        last = self.pointwise if self.order == "spatial_first" else self.spatial
+        return last.bias
+
+    def dense_weight(self) -> torch.Tensor:
+        """The block's composed dense k×k kernel, shape (out, in, k, k); needs mid='none'."""
+        if self.mid != "none":
+            raise ValueError(f"as_conv2d() needs mid='none' (a linear block), got mid={self.mid!r}")
+        spatial = _expand_grouped(self.spatial.weight, self.towers)  # (C, C, k, k)
+        pointwise = self.pointwise.weight[:, :, 0, 0]  # (out, in)
+        if self.order == "spatial_first":
+            return torch.einsum("oj,jikl->oikl", pointwise, spatial)
+        return torch.einsum("ojkl,ji->oikl", spatial, pointwise)
+
+    @torch.no_grad()
+    def as_conv2d(self) -> nn.Conv2d:
+        """One dense nn.Conv2d computing the same function (every point is a constrained conv)."""
+        weight = self.dense_weight()
+        conv = nn.Conv2d(
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            bias=self.bias is not None,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
+        conv.weight.copy_(weight)
+        if self.bias is not None:
+            conv.bias.copy_(self.bias)
+        return conv
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, towers={self.towers}, group_width={self.group_width}, "
+            f"order={self.order}, mid={self.mid}"
+        )
+
+
+def _mid_module(mid: str, channels: int) -> nn.Module:
+    if mid == "relu":
+        return nn.ReLU()
+    if mid == "elu":
+        return nn.ELU()
+    if mid == "bn":
+        return nn.BatchNorm2d(channels)
+    if mid == "bn_relu":
+        return nn.Sequential(nn.BatchNorm2d(channels), nn.ReLU())
+    return nn.Identity()
+
+
+def _expand_grouped(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """A grouped kernel (C, C/g, k, k) as the dense (C, C, k, k) one, zero off the blocks."""
+    channels, width = weight.shape[0], weight.shape[1]
+    per_group = channels // groups
+    dense = weight.new_zeros(groups, per_group, groups, width, *weight.shape[2:])
+    index = torch.arange(groups, device=weight.device)
+    dense[index, :, index] = weight.reshape(groups, per_group, width, *weight.shape[2:])
+    return dense.reshape(channels, channels, *weight.shape[2:])

@@ -1,0 +1,6 @@
+"""Architectures built from TowerConv2d."""
+
+from towerspace.models.build import ModelConfig, build_model
+from towerspace.models.xception import Xception, xception, xception_complexity
+
+__all__ = ["ModelConfig", "Xception", "build_model", "xception", "xception_complexity"]

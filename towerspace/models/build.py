@@ -1,0 +1,56 @@
+"""Model configs as data, and building a model from one."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from towerspace.block import MIDS, ORDERS
+from towerspace.budget import MATCHES
+from towerspace.models.xception import STEMS, xception
+from towerspace.towers import SNAPS
+
+MODEL_NAMES = ("xception",)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture and tower schedule of the model every trial trains."""
+
+    name: str = field(default="xception", metadata={"choices": MODEL_NAMES})
+    width: float = field(default=1.0, metadata={"gt": 0.0, "max": 16.0})  # width multiplier
+    middle_blocks: int = field(default=8, metadata={"min": 0, "max": 64})  # paper: 8
+    stem: str = field(default="auto", metadata={"choices": ("auto", *STEMS)})  # auto: small ≤ 64 px
+    order: str = field(default="spatial_first", metadata={"choices": ORDERS})
+    mid: str = field(default="none", metadata={"choices": MIDS})  # op between the two convs
+    towers: Any = "depthwise"  # int, regular, depthwise, {group_width: w} or {position: t}
+    overrides: dict[str, Any] = field(default_factory=dict)  # site prefix (e.g. middle) → spec
+    snap: str = field(default="nearest", metadata={"choices": SNAPS})  # or strict: raise
+    match: str = field(default="none", metadata={"choices": MATCHES})  # budget to match
+    reference: Any = "depthwise"  # tower spec whose cost a matched model matches
+    dropout: float = field(default=0.0, metadata={"min": 0.0, "max": 0.95})  # before classifier
+    channel_divisor: int | None = field(default=None, metadata={"min": 1})  # None: see xception()
+
+
+def build_model(cfg: ModelConfig, *, in_chans: int, num_classes: int, image_size: int) -> nn.Module:
+    """The model a config describes, sized for a data set's channels, classes and images."""
+    stem = cfg.stem if cfg.stem != "auto" else ("small" if image_size <= 64 else "imagenet")
+    return xception(
+        num_classes=num_classes,
+        in_chans=in_chans,
+        width=cfg.width,
+        middle_blocks=cfg.middle_blocks,
+        stem=stem,
+        towers=cfg.towers,
+        overrides=cfg.overrides,
+        snap=cfg.snap,
+        order=cfg.order,
+        mid=cfg.mid,
+        dropout=cfg.dropout,
+        match=cfg.match,
+        reference=cfg.reference,
+        input_size=image_size,
+        channel_divisor=cfg.channel_divisor,
+    )

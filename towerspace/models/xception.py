@@ -1,0 +1,292 @@
+"""Xception (Chollet 2017) with every separable convolution a TowerConv2d."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from towerspace.block import Complexity, TowerConv2d, tower_complexity
+from towerspace.budget import MATCHES, Match, match_channels, round_channels
+from towerspace.towers import TowerSchedule, TowerSpecLike
+
+# The paper's figure 5 / Keras Applications at width 1.0. Channel groups are named so that a
+# width multiplier (and budget matching) can round each group on its own.
+GROUPS: dict[str, int] = {
+    "stem1": 32, "stem2": 64, "c128": 128, "c256": 256,
+    "c728": 728, "c1024": 1024, "c1536": 1536, "c2048": 2048,
+}  # fmt: skip
+# flow,    block,     separable convs (channel groups),  downsample (max-pool + 1×1 shortcut)
+ENTRY = (
+    ("entry", "block2", ("c128", "c128"), True),
+    ("entry", "block3", ("c256", "c256"), True),
+    ("entry", "block4", ("c728", "c728"), True),
+)
+MIDDLE = ("c728", "c728", "c728")  # one middle-flow block; the paper repeats it 8 times
+EXIT = (("exit", "block13", ("c728", "c1024"), True),)
+HEAD = ("c1536", "c2048")  # exit.block14: separable convs, each followed by BatchNorm and ReLU
+STEMS = (
+    "imagenet",
+    "small",
+)  # imagenet: two unpadded 3×3 convs, the first strided; small: padded, stride 1
+BN_EPS = 1e-3  # Keras' BatchNormalization epsilon
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """One row of the architecture: a block's channels, sites and wiring."""
+
+    flow: str
+    name: str
+    in_channels: int
+    channels: tuple[int, ...]  # output channels of each separable conv
+    down: bool  # max-pool by 2 and a strided 1×1 conv + BN shortcut
+    relu_first: bool = True  # ReLU before the first conv (not after the stem, which has its own)
+    residual: bool = True
+    relu_after: bool = False  # block14: ReLU after the last BN
+
+    @property
+    def sites(self) -> list[str]:
+        """Module paths of the block's TowerConv2d layers, as named_modules() names them."""
+        return [f"{self.flow}.{self.name}.convs.{i}" for i in range(len(self.channels))]
+
+    def towers(self, schedule: TowerSchedule, order: str) -> list[int]:
+        """The realized tower count of each separable conv."""
+        ins = (self.in_channels, *self.channels[:-1])
+        spatial = ins if order == "spatial_first" else self.channels
+        return [schedule.towers_for(s, c) for s, c in zip(self.sites, spatial, strict=True)]
+
+
+def plan(channels: Mapping[str, int], middle_blocks: int) -> list[BlockPlan]:
+    """The blocks of Xception after the stem, from the architecture table."""
+    rows = [*ENTRY, *[("middle", f"block{5 + i}", MIDDLE, False) for i in range(middle_blocks)]]
+    blocks, prev = [], channels["stem2"]
+    for flow, name, groups, down in (*rows, *EXIT):
+        out = tuple(channels[g] for g in groups)
+        blocks.append(BlockPlan(flow, name, prev, out, down, relu_first=name != "block2"))
+        prev = out[-1]
+    head = tuple(channels[g] for g in HEAD)
+    blocks.append(BlockPlan("exit", "block14", prev, head, False, False, False, True))
+    return blocks
+
+
+def _bn(channels: int) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(channels, eps=BN_EPS)
+
+
+def _conv_complexity(c_in: int, c_out: int, k: int, stride: int, pad: int, h: int, w: int):
+    out_h, out_w = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
+    weights = c_in * c_out * k * k
+    return Complexity(weights + 2 * c_out, 2 * weights * out_h * out_w, out_h, out_w)  # + BN
+
+
+class SeparableBlock(nn.Module):
+    """Separable convs (ReLU → TowerConv2d → BN), a residual shortcut, optional max-pool."""
+
+    def __init__(self, block: BlockPlan, towers: list[int], order: str, mid: str) -> None:
+        super().__init__()
+        self.relu_first, self.relu_after, self.residual = (
+            block.relu_first, block.relu_after, block.residual
+        )  # fmt: skip
+        ins = (block.in_channels, *block.channels[:-1])
+        self.convs = nn.ModuleList(
+            TowerConv2d(i, o, 3, towers=t, order=order, mid=mid)
+            for i, o, t in zip(ins, block.channels, towers, strict=True)
+        )
+        self.norms = nn.ModuleList(_bn(o) for o in block.channels)
+        self.shortcut: nn.Module | None = None
+        if block.residual and block.down:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(block.in_channels, block.channels[-1], 1, stride=2, bias=False),
+                _bn(block.channels[-1]),
+            )
+        self.pool = nn.MaxPool2d(3, stride=2, padding=1) if block.down else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x
+        for i, (conv, norm) in enumerate(zip(self.convs, self.norms, strict=True)):
+            if self.relu_first or i > 0:
+                out = torch.relu(out)
+            out = norm(conv(out))
+        if self.relu_after:
+            out = torch.relu(out)
+        out = self.pool(out)
+        if not self.residual:
+            return out
+        return out + (x if self.shortcut is None else self.shortcut(x))
+
+
+def block_complexity(
+    block: BlockPlan, towers: list[int], order: str, mid: str, h: int, w: int
+) -> Complexity:
+    """Parameters and FLOPs per image of one block (ReLU, pooling and additions count as free)."""
+    total = Complexity(0, 0, h, w)
+    ins = (block.in_channels, *block.channels[:-1])
+    for c_in, c_out, t in zip(ins, block.channels, towers, strict=True):
+        conv = tower_complexity(c_in, c_out, total.height, total.width, towers=t, order=order,
+                                mid=mid)  # fmt: skip
+        total = total + conv + Complexity(2 * c_out, 0, conv.height, conv.width)
+    if block.down:
+        out_h, out_w = (total.height + 1) // 2, (total.width + 1) // 2
+        short = _conv_complexity(block.in_channels, block.channels[-1], 1, 2, 0, h, w)
+        total = Complexity(total.params + short.params, total.flops + short.flops, out_h, out_w)
+    return total
+
+
+def xception_complexity(
+    channels: Mapping[str, int],
+    schedule: TowerSchedule,
+    size: int,
+    *,
+    num_classes: int = 1000,
+    in_chans: int = 3,
+    middle_blocks: int = 8,
+    stem: str = "imagenet",
+    order: str = "spatial_first",
+    mid: str = "none",
+    dropout: float = 0.0,
+) -> Complexity:
+    """Parameters and FLOPs per image of an Xception, by formula, without building it."""
+    stride, pad = (2, 0) if stem == "imagenet" else (1, 1)
+    total = _conv_complexity(in_chans, channels["stem1"], 3, stride, pad, size, size)
+    total = total + _conv_complexity(
+        channels["stem1"], channels["stem2"], 3, 1, pad, total.height, total.width
+    )
+    for block in plan(channels, middle_blocks):
+        towers = block.towers(schedule, order)
+        total = total + block_complexity(block, towers, order, mid, total.height, total.width)
+    fc = channels["c2048"] * num_classes
+    return total + Complexity(fc + num_classes, 2 * fc, 1, 1)
+
+
+class Xception(nn.Module):
+    """Entry, middle and exit flows of separable blocks; towers per site from a schedule."""
+
+    def __init__(
+        self,
+        *,
+        channels: Mapping[str, int],
+        schedule: TowerSchedule,
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        middle_blocks: int = 8,
+        stem: str = "imagenet",
+        order: str = "spatial_first",
+        mid: str = "none",
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if stem not in STEMS:
+            raise ValueError(f"stem={stem!r} is not one of: {', '.join(STEMS)}")
+        c = dict(channels)
+        self.channels, self.schedule = c, schedule
+        self.arch = {"num_classes": num_classes, "in_chans": in_chans, "stem": stem,
+                     "middle_blocks": middle_blocks, "order": order, "mid": mid}  # fmt: skip
+        stride, pad = (2, 0) if stem == "imagenet" else (1, 1)
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_chans, c["stem1"], 3, stride=stride, padding=pad, bias=False),
+            _bn(c["stem1"]),
+            nn.ReLU(),
+            nn.Conv2d(c["stem1"], c["stem2"], 3, padding=pad, bias=False),
+            _bn(c["stem2"]),
+            nn.ReLU(),
+        )
+        self.entry, self.middle, self.exit = nn.ModuleDict(), nn.ModuleDict(), nn.ModuleDict()
+        for block in plan(c, middle_blocks):
+            towers = block.towers(schedule, order)
+            getattr(self, block.flow)[block.name] = SeparableBlock(block, towers, order, mid)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.fc = nn.Linear(c["c2048"], num_classes)
+        self.budget: dict[str, float | int | str] | None = None  # set by xception(match=...)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Feature map before global pooling."""
+        x = self.stem(x)
+        for flow in (self.entry, self.middle, self.exit):
+            for block in flow.values():
+                x = block(x)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(x).mean(dim=(2, 3))
+        return self.fc(self.dropout(x))
+
+    def complexity(self, height: int, width: int | None = None) -> Complexity:
+        """Parameters and FLOPs per image for a square input of side height, by formula."""
+        if width not in (None, height):
+            raise ValueError("Xception.complexity takes square inputs")
+        return xception_complexity(self.channels, self.schedule, height, **self.arch)
+
+
+def xception(
+    *,
+    num_classes: int = 1000,
+    in_chans: int = 3,
+    width: float = 1.0,
+    middle_blocks: int = 8,
+    stem: str = "imagenet",
+    towers: TowerSpecLike | TowerSchedule = "depthwise",
+    overrides: Mapping[str, TowerSpecLike] | None = None,
+    snap: str = "nearest",
+    order: str = "spatial_first",
+    mid: str = "none",
+    dropout: float = 0.0,
+    match: str = "none",
+    reference: TowerSpecLike = "depthwise",
+    input_size: int | None = None,
+    channel_divisor: int | None = None,
+) -> Xception:
+    """Xception at any point of the tower continuum, optionally budget-matched to a reference.
+
+    With match='params' or 'flops', the channels are solved so that the model costs what the
+    `reference` tower spec costs at the same width (within ±2%); model.budget reports the solve.
+    Channels round to channel_divisor: 8 by default, or with matching the least common multiple
+    of the tower counts and group widths the schedule asks for (fine steps make ±2% reachable).
+    """
+    if match not in MATCHES:
+        raise ValueError(f"match={match!r} is not one of: {', '.join(MATCHES)}")
+    if not 0 < width <= 16:
+        raise ValueError(f"width must be in (0, 16], got {width!r}")
+    if middle_blocks < 0:
+        raise ValueError(f"middle_blocks must be >= 0, got {middle_blocks!r}")
+    schedule = TowerSchedule.build(towers, overrides, snap)
+    size = input_size or (299 if stem == "imagenet" else 32)
+    kw = {"num_classes": num_classes, "in_chans": in_chans, "middle_blocks": middle_blocks,
+          "stem": stem, "order": order, "mid": mid, "dropout": dropout}  # fmt: skip
+    base_channels = round_channels(GROUPS, width, channel_divisor or 8)
+    if match == "none":
+        model = Xception(channels=base_channels, schedule=schedule, **kw)
+        _check_overrides(model, schedule)
+        return model
+    reference_schedule = TowerSchedule.build(reference, snap="nearest")
+
+    def cost(channels: dict[str, int], sched: TowerSchedule = schedule) -> int:
+        c = xception_complexity(channels, sched, size, **kw)
+        return c.params if match == "params" else c.flops
+
+    target = cost(base_channels, reference_schedule)
+    divisor = channel_divisor or schedule_divisor(schedule)
+    solved = match_channels(cost, GROUPS, target, metric=match, divisor=divisor)
+    if reference_schedule == schedule and channel_divisor in (None, 8):
+        solved = Match(match, width, base_channels, target, target)
+    model = Xception(channels=solved.channels, schedule=schedule, **kw)
+    _check_overrides(model, schedule)
+    model.budget = solved.as_dict()
+    return model
+
+
+def schedule_divisor(schedule: TowerSchedule) -> int:
+    """Least common multiple of the tower counts and group widths a schedule asks for."""
+    divisor = 1
+    for spec in (schedule.default, *schedule.overrides.values()):
+        if spec.kind in ("towers", "group_width") and isinstance(spec.value, int):
+            divisor = math.lcm(divisor, spec.value)
+    return divisor
+
+
+def _check_overrides(model: nn.Module, schedule: TowerSchedule) -> None:
+    sites = [n for n, m in model.named_modules() if isinstance(m, TowerConv2d)]
+    schedule.check_sites(sites)

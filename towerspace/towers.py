@@ -1,0 +1,171 @@
+"""Tower schedules: which tower count every tower site of a model gets."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from towerspace.block import TowerConv2d, divisors, regime
+
+KINDS = ("towers", "group_width", "position")
+SNAPS = ("nearest", "strict")
+
+
+@dataclass(frozen=True)
+class TowerSpec:
+    """One way to ask for towers: a count, a group width, or a position t in [0, 1]."""
+
+    kind: str  # towers | group_width | position
+    value: float | str  # a count, a width, a position, or "regular" / "depthwise" for towers
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"tower spec kind {self.kind!r} is not one of: {', '.join(KINDS)}")
+        if self.kind == "position":
+            if not isinstance(self.value, int | float) or not 0.0 <= self.value <= 1.0:
+                raise ValueError(f"position must be a number in [0, 1], got {self.value!r}")
+        elif self.kind == "towers" and self.value in ("regular", "depthwise"):
+            pass
+        elif isinstance(self.value, bool) or not isinstance(self.value, int) or self.value < 1:
+            allowed = (
+                "an int >= 1, 'regular' or 'depthwise'" if self.kind == "towers" else "an int >= 1"
+            )
+            raise ValueError(f"{self.kind} must be {allowed}, got {self.value!r}")
+
+    @classmethod
+    def parse(cls, spec: TowerSpecLike) -> TowerSpec:
+        """A spec from 4, 'regular', 'depthwise', {'group_width': 8} or {'position': 0.5}."""
+        if isinstance(spec, TowerSpec):
+            return spec
+        if isinstance(spec, Mapping):
+            if len(spec) != 1 or next(iter(spec)) not in KINDS:
+                raise ValueError(
+                    f"a tower spec mapping has one key of {', '.join(KINDS)}, got {dict(spec)!r}"
+                )
+            ((kind, value),) = spec.items()
+            return cls(kind, value)
+        return cls("towers", spec)
+
+    def label(self) -> str:
+        """Short text for tables and plots: '4', 'depthwise', 'gw8', 't=0.50'."""
+        if self.kind == "towers":
+            return str(self.value)
+        if self.kind == "group_width":
+            return f"gw{self.value}"
+        return f"t={self.value:.2f}"
+
+    def as_config(self) -> int | str | dict[str, float]:
+        """The plain form parse() accepts, for YAML and results tables."""
+        return self.value if self.kind == "towers" else {self.kind: self.value}
+
+
+TowerSpecLike = TowerSpec | int | str | Mapping[str, Any]
+
+
+def nearest_divisor(channels: int, target: float) -> int:
+    """The divisor of channels closest to target on a log scale (ties go to fewer towers)."""
+    target = min(max(target, 1.0), float(channels))
+    return min(divisors(channels), key=lambda d: (abs(math.log(d) - math.log(target)), d))
+
+
+def position(towers: int, channels: int) -> float:
+    """Position on the continuum: 0 for one tower, 1 for depthwise, log-spaced between."""
+    return 0.0 if channels == 1 else math.log(towers) / math.log(channels)
+
+
+def realize(spec: TowerSpec, channels: int, snap: str = "nearest", site: str = "") -> int:
+    """The tower count a site of `channels` channels gets for spec, snapped or strict."""
+    where = f"{site}: " if site else ""
+    if spec.kind == "position":
+        return nearest_divisor(channels, channels ** float(spec.value))
+    if spec.value == "regular":
+        return 1
+    if spec.value == "depthwise":
+        return channels
+    value = int(spec.value)
+    target = value if spec.kind == "towers" else channels / value
+    if channels % value == 0 and target >= 1:
+        return int(target)
+    if snap == "strict":
+        noun = "towers" if spec.kind == "towers" else "group_width"
+        valid = ", ".join(map(str, divisors(channels)))
+        raise ValueError(
+            f"{where}{noun}={value} does not divide {channels} channels; valid: {valid}"
+        )
+    return nearest_divisor(channels, target)
+
+
+@dataclass(frozen=True)
+class TowerSchedule:
+    """Tower counts for every tower site: a default spec and overrides by site-name prefix.
+
+    Site names are dotted module paths (e.g. 'middle.block5.sep2'); an override keyed 'middle'
+    covers the whole middle flow, and the longest matching prefix wins.
+    """
+
+    default: TowerSpec = TowerSpec("towers", "depthwise")
+    overrides: Mapping[str, TowerSpec] = field(default_factory=dict)
+    snap: str = "nearest"  # nearest: snap to the closest valid count | strict: raise
+
+    def __post_init__(self) -> None:
+        if self.snap not in SNAPS:
+            raise ValueError(f"snap={self.snap!r} is not one of: {', '.join(SNAPS)}")
+
+    @classmethod
+    def build(
+        cls,
+        towers: TowerSpecLike | TowerSchedule = "depthwise",
+        overrides: Mapping[str, TowerSpecLike] | None = None,
+        snap: str = "nearest",
+    ) -> TowerSchedule:
+        """A schedule from plain values: `build(4)`, `build({'position': .5}, {'exit': 1})`."""
+        if isinstance(towers, TowerSchedule):
+            if overrides:
+                raise ValueError("give overrides inside the TowerSchedule, not beside it")
+            return towers
+        parsed = {name: TowerSpec.parse(spec) for name, spec in (overrides or {}).items()}
+        return cls(TowerSpec.parse(towers), parsed, snap)
+
+    def spec_for(self, site: str) -> TowerSpec:
+        """The spec that applies at a site: the longest matching override prefix, or default."""
+        best, best_len = self.default, -1
+        for prefix, spec in self.overrides.items():
+            if (site == prefix or site.startswith(prefix + ".")) and len(prefix) > best_len:
+                best, best_len = spec, len(prefix)
+        return best
+
+    def towers_for(self, site: str, channels: int) -> int:
+        """The realized tower count at a site with `channels` spatial channels."""
+        return realize(self.spec_for(site), channels, self.snap, site)
+
+    def check_sites(self, sites: list[str]) -> None:
+        """Raise if an override names no site of the model (a typo would silently do nothing)."""
+        for prefix in self.overrides:
+            if not any(s == prefix or s.startswith(prefix + ".") for s in sites):
+                close = [s for s in sites if s.split(".")[0] == prefix.split(".")[0]][:3]
+                hint = f" (sites look like: {', '.join(close or sites[:3])})"
+                raise ValueError(f"tower override {prefix!r} matches no tower site{hint}")
+
+    def label(self) -> str:
+        """Short text for tables: the default spec, plus '+N overrides'."""
+        extra = f"+{len(self.overrides)} overrides" if self.overrides else ""
+        return self.default.label() + (f" {extra}" if extra else "")
+
+
+def realized_towers(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Every TowerConv2d of a model: site name → channels, towers, group width, regime."""
+    return {
+        name: {
+            "channels": m.spatial_channels,
+            "towers": m.towers,
+            "group_width": m.group_width,
+            "position": position(m.towers, m.spatial_channels),
+            "regime": regime(m.towers, m.spatial_channels),
+        }
+        for name, m in model.named_modules()
+        if isinstance(m, TowerConv2d)
+    }
