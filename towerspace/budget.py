@@ -36,8 +36,21 @@ class Match:
 
 
 def round_channels(base: Mapping[str, int], width: float, divisor: int) -> dict[str, int]:
-    """Every group's base channels times width, rounded to a multiple of divisor (at least one)."""
-    return {g: max(divisor, int(c * width / divisor + 0.5) * divisor) for g, c in base.items()}
+    """Every group's base channels times width, rounded to a multiple of its step."""
+    rounded = {}
+    for group, channels in base.items():
+        step = group_step(channels * width, divisor)
+        rounded[group] = max(step, int(channels * width / step + 0.5) * step)
+    return rounded
+
+
+def group_step(exact: float, divisor: int) -> int:
+    """The rounding step of a group: divisor, or its largest factor that fits a narrow group.
+
+    A group narrower than the divisor cannot take that many towers anyway (it snaps towards
+    depthwise), so rounding it up to the divisor would only inflate it.
+    """
+    return max(d for d in range(1, divisor + 1) if divisor % d == 0 and d <= max(exact, 1.0))
 
 
 def match_channels(
@@ -49,11 +62,11 @@ def match_channels(
     divisor: int = 1,
     tolerance: float = 0.02,
 ) -> Match:
-    """Solve the width multiplier whose cost is closest to target, then nudge single groups.
+    """Solve the width multiplier whose cost is closest to target, then round group by group.
 
     A width multiplier alone moves cost in steps (channels are rounded to the divisor), so after
-    bisection each channel group may move one divisor step up or down, greedily, while that
-    brings the cost closer to the target.
+    bisection each channel group is rounded down or up, greedily, while that brings the cost
+    closer to the target; no group strays more than one rounding step from the solved width.
     """
     lo, hi = 1.0 / 256, 16.0
     for _ in range(40):  # bisection on log-width: cost grows with width
@@ -62,21 +75,23 @@ def match_channels(
             lo = mid
         else:
             hi = mid
-    candidates = [round_channels(base, w, divisor) for w in (lo, hi)]
-    width, channels = min(
-        zip((lo, hi), candidates, strict=True), key=lambda wc: abs(cost(wc[1]) - target)
-    )
+    width = min((lo, hi), key=lambda w: abs(cost(round_channels(base, w, divisor)) - target))
+    channels = round_channels(base, width, divisor)
+    options = {g: _neighbours(c * width, divisor) for g, c in base.items()}
     achieved = cost(channels)
     while abs(achieved / target - 1.0) > tolerance / 4:
-        moves = [
-            {**channels, g: channels[g] + step}
-            for g in channels
-            for step in (-divisor, divisor)
-            if channels[g] + step >= divisor
-        ]
-        best = min(moves, key=lambda ch: abs(cost(ch) - target))
-        best_cost = cost(best)
-        if abs(best_cost - target) >= abs(achieved - target):
+        moves = [{**channels, g: v} for g, vs in options.items() for v in vs if v != channels[g]]
+        scored = [(abs(cost(m) - target), i) for i, m in enumerate(moves)]
+        error, best = min(scored, default=(math.inf, -1))
+        if error >= abs(achieved - target):
             break
-        channels, achieved = best, best_cost
+        channels = moves[best]
+        achieved = cost(channels)
     return Match(metric, width, channels, target, achieved)
+
+
+def _neighbours(exact: float, divisor: int) -> tuple[int, ...]:
+    """The multiples of the group's step just below and above exact (at least one step)."""
+    step = group_step(exact, divisor)
+    low = max(1, math.floor(exact / step)) * step
+    return (low, low + step)

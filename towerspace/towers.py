@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -110,6 +111,7 @@ class TowerSchedule:
     default: TowerSpec = TowerSpec("towers", "depthwise")
     overrides: Mapping[str, TowerSpec] = field(default_factory=dict)
     snap: str = "nearest"  # nearest: snap to the closest valid count | strict: raise
+    layer_seed: int | None = None  # set: sites without an override draw a uniform position
 
     def __post_init__(self) -> None:
         if self.snap not in SNAPS:
@@ -121,18 +123,21 @@ class TowerSchedule:
         towers: TowerSpecLike | TowerSchedule = "depthwise",
         overrides: Mapping[str, TowerSpecLike] | None = None,
         snap: str = "nearest",
+        layer_seed: int | None = None,
     ) -> TowerSchedule:
         """A schedule from plain values: `build(4)`, `build({'position': .5}, {'exit': 1})`."""
         if isinstance(towers, TowerSchedule):
-            if overrides:
+            if overrides or layer_seed is not None:
                 raise ValueError("give overrides inside the TowerSchedule, not beside it")
             return towers
         parsed = {name: TowerSpec.parse(spec) for name, spec in (overrides or {}).items()}
-        return cls(TowerSpec.parse(towers), parsed, snap)
+        return cls(TowerSpec.parse(towers), parsed, snap, layer_seed)
 
     def spec_for(self, site: str) -> TowerSpec:
         """The spec that applies at a site: the longest matching override prefix, or default."""
         best, best_len = self.default, -1
+        if self.layer_seed is not None:  # a population sample: one log-uniform draw per site
+            best = TowerSpec("position", random.Random(f"{self.layer_seed}/{site}").random())
         for prefix, spec in self.overrides.items():
             if (site == prefix or site.startswith(prefix + ".")) and len(prefix) > best_len:
                 best, best_len = spec, len(prefix)
@@ -152,8 +157,8 @@ class TowerSchedule:
 
     def label(self) -> str:
         """Short text for tables: the default spec, plus '+N overrides'."""
-        extra = f"+{len(self.overrides)} overrides" if self.overrides else ""
-        return self.default.label() + (f" {extra}" if extra else "")
+        head = f"random/{self.layer_seed}" if self.layer_seed is not None else self.default.label()
+        return head + (f" +{len(self.overrides)} overrides" if self.overrides else "")
 
 
 def realized_towers(model: nn.Module) -> dict[str, dict[str, Any]]:

@@ -28,6 +28,7 @@ class ModelConfig:
     towers: Any = "depthwise"  # int, regular, depthwise, {group_width: w} or {position: t}
     overrides: dict[str, Any] = field(default_factory=dict)  # site prefix (e.g. middle) → spec
     snap: str = field(default="nearest", metadata={"choices": SNAPS})  # or strict: raise
+    layer_seed: int | None = None  # set: every site draws its own position (population sampling)
     match: str = field(default="none", metadata={"choices": MATCHES})  # budget to match
     reference: Any = "depthwise"  # tower spec whose cost a matched model matches
     dropout: float = field(default=0.0, metadata={"min": 0.0, "max": 0.95})  # before classifier
@@ -46,6 +47,7 @@ def build_model(cfg: ModelConfig, *, in_chans: int, num_classes: int, image_size
         towers=cfg.towers,
         overrides=cfg.overrides,
         snap=cfg.snap,
+        layer_seed=cfg.layer_seed,
         order=cfg.order,
         mid=cfg.mid,
         dropout=cfg.dropout,

@@ -231,6 +231,7 @@ def xception(
     towers: TowerSpecLike | TowerSchedule = "depthwise",
     overrides: Mapping[str, TowerSpecLike] | None = None,
     snap: str = "nearest",
+    layer_seed: int | None = None,
     order: str = "spatial_first",
     mid: str = "none",
     dropout: float = 0.0,
@@ -252,7 +253,7 @@ def xception(
         raise ValueError(f"width must be in (0, 16], got {width!r}")
     if middle_blocks < 0:
         raise ValueError(f"middle_blocks must be >= 0, got {middle_blocks!r}")
-    schedule = TowerSchedule.build(towers, overrides, snap)
+    schedule = TowerSchedule.build(towers, overrides, snap, layer_seed)
     size = input_size or (299 if stem == "imagenet" else 32)
     kw = {"num_classes": num_classes, "in_chans": in_chans, "middle_blocks": middle_blocks,
           "stem": stem, "order": order, "mid": mid, "dropout": dropout}  # fmt: skip
@@ -279,10 +280,17 @@ def xception(
 
 
 def schedule_divisor(schedule: TowerSchedule) -> int:
-    """Least common multiple of the tower counts and group widths a schedule asks for."""
-    divisor = 1
-    for spec in (schedule.default, *schedule.overrides.values()):
-        if spec.kind in ("towers", "group_width") and isinstance(spec.value, int):
+    """Channel rounding for a matched schedule: the lcm of the counts and widths it asks for.
+
+    Positions (and per-layer random positions) snap to divisors of the channels, so they round
+    to multiples of 8, which keeps 1, 2, 4 and 8 towers reachable at every site.
+    """
+    specs = (schedule.default, *schedule.overrides.values())
+    divisor = 8 if schedule.layer_seed is not None else 1
+    for spec in specs:
+        if spec.kind == "position":
+            divisor = math.lcm(divisor, 8)
+        elif isinstance(spec.value, int):
             divisor = math.lcm(divisor, spec.value)
     return divisor
 

@@ -1,0 +1,121 @@
+"""`towerspace blocks | models`: thin commands that parse arguments and delegate."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+import pandas as pd
+
+from towerspace import tables
+from towerspace.block import MIDS, ORDERS
+from towerspace.budget import MATCHES
+from towerspace.models.xception import STEMS
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line and exit with code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        raise SystemExit(2)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
+def _print_table(table: pd.DataFrame, title: str) -> None:
+    print(title)
+    with pd.option_context("display.width", 160, "display.max_columns", 20):
+        print(table.to_string(index=False))
+
+
+def cmd_blocks(args: argparse.Namespace) -> int:
+    """Cost of one layer at every valid tower count."""
+    table = tables.block_table(
+        args.channels, args.size, out_channels=args.out_channels, kernel_size=args.kernel_size,
+        stride=args.stride, order=args.order, mid=args.mid,
+    )  # fmt: skip
+    out = args.out_channels or args.channels
+    title = f"TowerConv2d({args.channels}, {out}, {args.kernel_size}) at {args.size}x{args.size}"
+    _print_table(table, f"{title}, {args.order}, mid={args.mid} (per image)")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """Cost of a whole Xception at each point of a tower list, matched or not."""
+    points = tables.parse_points(args.towers)
+    table = tables.model_table(
+        points, size=args.size, match=args.match, width=args.width, stem=args.stem,
+        middle_blocks=args.middle_blocks, num_classes=args.classes, in_chans=args.in_chans,
+        order=args.order, mid=args.mid,
+    )  # fmt: skip
+    matched = f", matched on {args.match}" if args.match != "none" else ""
+    _print_table(table, f"Xception width {args.width}, {args.middle_blocks} middle blocks, "
+                        f"{args.size}px{matched} (per image)")  # fmt: skip
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The towerspace command line."""
+    parser = _Parser(prog="towerspace", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    blocks = sub.add_parser("blocks", help="one layer's cost at every valid tower count")
+    blocks.add_argument("--channels", type=_positive_int, default=728, help="input channels (728)")
+    blocks.add_argument(
+        "--out-channels", type=_positive_int, default=None, help="default: --channels"
+    )
+    blocks.add_argument("--size", type=_positive_int, default=19, help="input height = width (19)")
+    blocks.add_argument("--kernel-size", type=_positive_int, default=3)
+    blocks.add_argument("--stride", type=_positive_int, default=1)
+    blocks.add_argument("--order", choices=ORDERS, default="spatial_first")
+    blocks.add_argument("--mid", choices=MIDS, default="none")
+    blocks.set_defaults(func=cmd_blocks)
+
+    models = sub.add_parser("models", help="a whole model's cost across tower counts")
+    models.add_argument(
+        "--towers",
+        default="1,2,4,8,16,depthwise",
+        help="comma list of counts, regular, depthwise, gw<width>, t=<position>",
+    )
+    models.add_argument("--width", type=float, default=1.0)
+    models.add_argument("--middle-blocks", type=_positive_int, default=8)
+    models.add_argument("--stem", choices=STEMS, default="imagenet")
+    models.add_argument(
+        "--size", type=_positive_int, default=299, help="input height = width (299)"
+    )
+    models.add_argument("--classes", type=_positive_int, default=1000)
+    models.add_argument("--in-chans", type=_positive_int, default=3)
+    models.add_argument("--order", choices=ORDERS, default="spatial_first")
+    models.add_argument("--mid", choices=MIDS, default="none")
+    models.add_argument(
+        "--match",
+        choices=MATCHES,
+        default="none",
+        help="solve widths so every point costs what depthwise costs",
+    )
+    models.set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: run a command; user errors print one line and return 2."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as err:  # config, data and argument errors are worded for users
+        if os.environ.get("TOWERSPACE_DEBUG"):
+            raise
+        print(f"towerspace: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
