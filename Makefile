@@ -3,7 +3,6 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-EXPERIMENT ?= experiments/digits_continuum.yaml
 
 .PHONY: setup run test lint format lock clean
 
@@ -15,7 +14,8 @@ $(STAMP): pyproject.toml requirements.lock
 setup: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/towerspace sweep $(EXPERIMENT)
+	$(BIN)/towerspace models --width 0.25 --middle-blocks 2 --stem small --size 16 --classes 10 \
+		--in-chans 1 --match params --towers 1,2,4,8,16,32,depthwise
 
 test: $(STAMP)
 	$(BIN)/ruff check .

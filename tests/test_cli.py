@@ -1,0 +1,64 @@
+"""The command line as a user runs it: real processes, exit codes, one-line errors."""
+
+import subprocess
+import sys
+
+import pytest
+
+from towerspace.cli import main
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "towerspace.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_blocks_table(capsys):
+    assert main(["blocks", "--channels", "64", "--size", "8"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "TowerConv2d(64, 64, 3) at 8x8, spatial_first, mid=none (per image)"
+    rows = [line.split() for line in out[2:]]
+    assert [int(r[0]) for r in rows] == [1, 2, 4, 8, 16, 32, 64]
+    assert rows[0][3] == "regular" and rows[-1][3] == "depthwise"
+    assert int(rows[0][4]) == 64 * 64 * 9 + 64 * 64  # params of one tower
+
+
+def test_models_table_matched(capsys):
+    argv = ["models", "--width", "0.25", "--middle-blocks", "1", "--stem", "small", "--size",
+            "16", "--match", "params", "--towers", "1,gw8,t=0.5,depthwise"]  # fmt: skip
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines[2:]] == ["1", "gw8", "t=0.50", "depthwise"]
+    errors = [float(line.split()[-1]) for line in lines[2:]]
+    assert all(abs(e) <= 2.0 for e in errors)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["blocks", "--channels", "0"],
+         "towerspace blocks: error: argument --channels: must be an integer >= 1, got 0 "
+         "(see towerspace blocks --help)"),
+        (["models", "--towers", "1,dense"],
+         "towerspace: error: towers must be an int >= 1, 'regular' or 'depthwise', got 'dense'"),
+        (["models", "--match", "macs"],
+         "towerspace models: error: argument --match: invalid choice: 'macs' (choose from "
+         "'none', 'params', 'flops') (see towerspace models --help)"),
+        (["models", "--width", "0"], "towerspace: error: width must be in (0, 16], got 0.0"),
+    ],
+)  # fmt: skip
+def test_bad_input_is_one_line_and_exit_code_2(args, message, capsys):
+    try:
+        code = main(args)
+    except SystemExit as exit_:  # argparse's own errors
+        code = exit_.code
+    assert code == 2
+    assert capsys.readouterr().err.strip() == message
+
+
+def test_a_real_process_exits_2_without_a_traceback():
+    result = _run("models", "--towers", "3x")
+    assert result.returncode == 2
+    assert result.stderr == (
+        "towerspace: error: towers must be an int >= 1, 'regular' or 'depthwise', got '3x'\n"
+    )
