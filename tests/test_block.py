@@ -45,7 +45,9 @@ def test_one_tower_is_a_regular_conv_after_a_pointwise_conv():
     # the paper: "a regular convolution (preceded by a 1x1 convolution)"
     torch.manual_seed(0)
     block = TowerConv2d(6, 10, 3, towers="regular", order="pointwise_first")
-    ref = nn.Sequential(nn.Conv2d(6, 10, 1, bias=False), nn.Conv2d(10, 10, 3, padding=1, bias=False))
+    ref = nn.Sequential(
+        nn.Conv2d(6, 10, 1, bias=False), nn.Conv2d(10, 10, 3, padding=1, bias=False)
+    )
     ref[0].weight.data.copy_(block.pointwise.weight)
     ref[1].weight.data.copy_(block.spatial.weight)
     x = torch.randn(2, 6, 7, 7)
@@ -129,7 +131,10 @@ def test_forward_backward_every_tower_count():
         ({"group_width": 0}, "group_width must be a positive int, got 0"),
         ({"towers": "many"}, "towers must be an int, 'regular' or 'depthwise', got 'many'"),
         ({"towers": 2.0}, "towers must be an int, 'regular' or 'depthwise', got 2.0"),
-        ({"order": "depth_first"}, "order='depth_first' is not one of: spatial_first, pointwise_first"),
+        (
+            {"order": "depth_first"},
+            "order='depth_first' is not one of: spatial_first, pointwise_first",
+        ),
         ({"mid": "gelu"}, "mid='gelu' is not one of: none, relu, elu, bn, bn_relu"),
     ],
 )

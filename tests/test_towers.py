@@ -28,8 +28,10 @@ def test_parse_forms():
         ("dense", "towers must be an int >= 1, 'regular' or 'depthwise', got 'dense'"),
         ({"group_width": -2}, "group_width must be an int >= 1, got -2"),
         ({"position": 1.5}, "position must be a number in [0, 1], got 1.5"),
-        ({"width": 2}, "a tower spec mapping has one key of towers, group_width, position, "
-                       "got {'width': 2}"),
+        (
+            {"width": 2},
+            "a tower spec mapping has one key of towers, group_width, position, got {'width': 2}",
+        ),
     ],
 )
 def test_bad_specs(spec, message):
@@ -84,7 +86,10 @@ def test_override_naming_no_site_is_an_error():
 
 
 def test_strict_schedule_names_the_first_site_that_cannot_take_it():
-    with pytest.raises(ValueError, match=r"^entry.block4.convs.1: towers=16 does not divide 184 channels; valid: 1, 2, 4, 8, 23, 46"):
+    with pytest.raises(
+        ValueError,
+        match=r"^entry.block4.convs.1: towers=16 does not divide 184 channels; valid: 1, 2, 4, 8, 23",
+    ):
         xception(width=0.25, middle_blocks=1, stem="small", towers=16, snap="strict")
 
 
@@ -92,8 +97,13 @@ def test_realized_towers_report():
     model = xception(width=0.25, middle_blocks=1, stem="small", towers={"group_width": 8})
     report = realized_towers(model)
     row = report["middle.block5.convs.1"]
-    assert row == {"channels": 184, "towers": 23, "group_width": 8,
-                   "position": pytest.approx(0.601, abs=1e-3), "regime": "inception"}
+    assert row == {
+        "channels": 184,
+        "towers": 23,
+        "group_width": 8,
+        "position": pytest.approx(0.601, abs=1e-3),
+        "regime": "inception",
+    }
 
 
 def test_layer_seed_draws_per_site_and_is_reproducible():

@@ -23,9 +23,7 @@ def paper_xception():
 
 def test_paper_xception_has_the_exact_keras_parameter_count(paper_xception):
     assert _trainable(paper_xception) == KERAS_XCEPTION_TRAINABLE
-    running = sum(
-        b.numel() for n, b in paper_xception.named_buffers() if "running_" in n
-    )
+    running = sum(b.numel() for n, b in paper_xception.named_buffers() if "running_" in n)
     assert running == KERAS_XCEPTION_NON_TRAINABLE
     assert paper_xception.complexity(299).params == KERAS_XCEPTION_TRAINABLE
 
@@ -42,9 +40,7 @@ def test_paper_xception_shapes_and_flops(paper_xception):
     assert all(r["regime"] == "depthwise" for r in sites.values())
 
 
-@pytest.mark.parametrize(
-    ("towers", "params"), [(1, 183_616_904), (4, 62_890_616), (8, 42_769_568)]
-)
+@pytest.mark.parametrize(("towers", "params"), [(1, 183_616_904), (4, 62_890_616), (8, 42_769_568)])
 def test_unmatched_tower_counts_grow_the_paper_model(towers, params):
     # the "about 184M at one tower, 63M at 4, 43M at 8" against 22.9M at depthwise
     with torch.device("meta"):
