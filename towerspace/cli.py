@@ -1,4 +1,4 @@
-"""`towerspace blocks | models`: thin commands that parse arguments and delegate."""
+"""`towerspace sweep | blocks | models`: thin commands that parse arguments and delegate."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import pandas as pd
 
@@ -62,10 +63,68 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+# --smoke: the same experiment, tiny and on CPU, so every file runs in CI in seconds
+SMOKE = (
+    "train.epochs=1", "train.max_steps=2", "model.width=0.125", "model.middle_blocks=1",
+    "data.name=synthetic", "data.root=null", "data.num_samples=64", "resources.gpus=0",
+    "resources.cpus=1",
+)  # fmt: skip
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """Run an experiment's sweep on Ray Tune and print where its results are."""
+    from towerspace import config, results  # config loads fast; Ray loads with sweep only
+
+    overrides = [*(SMOKE if args.smoke else ()), *args.set]
+    cfg = config.load_experiment(args.experiment, overrides)
+    if args.smoke:
+        size = min(cfg.data.image_size or 16, 32)
+        cfg = config.apply(cfg, {"data.image_size": size, "seeds": list(cfg.seeds[:1])})
+    storage = Path(args.storage or cfg.storage or "runs")
+    from towerspace import sweep
+
+    outcome = sweep.run_sweep(cfg, storage=storage, address=args.address, restart=args.restart)
+    table = results.load(outcome.results_path)
+    counts = ", ".join(f"{n} {status}" for status, n in sorted(outcome.statuses.items()))
+    print(f"\n{cfg.name}: {len(table)} trials ({counts})")
+    _print_table(results.summary(table), "final validation accuracy over seeds, by towers:")
+    print(f"results: {outcome.results_path}\nhistory: {outcome.history_path}")
+    return 1 if outcome.failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The towerspace command line."""
     parser = _Parser(prog="towerspace", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    sweep = sub.add_parser("sweep", help="run an experiment's tower sweep on Ray Tune")
+    sweep.add_argument(
+        "experiment", help="an experiment file, e.g. experiments/digits_continuum.yaml"
+    )
+    sweep.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field, e.g. --set train.epochs=1 (repeatable)",
+    )
+    sweep.add_argument(
+        "--storage",
+        default=None,
+        help="folder for sweeps (default: the experiment's storage, else ./runs)",
+    )
+    sweep.add_argument(
+        "--address",
+        default=None,
+        help="a running Ray cluster (default: RAY_ADDRESS, else a local Ray)",
+    )
+    sweep.add_argument("--restart", action="store_true", help="replace an existing sweep")
+    sweep.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny, synthetic-data, CPU-only run of the experiment (seconds)",
+    )
+    sweep.set_defaults(func=cmd_sweep)
 
     blocks = sub.add_parser("blocks", help="one layer's cost at every valid tower count")
     blocks.add_argument("--channels", type=_positive_int, default=728, help="input channels (728)")

@@ -1,0 +1,154 @@
+"""One trial: data and model from a config, trained, with its own record on disk (no Ray)."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import towerspace
+from towerspace import data as datasets
+from towerspace.config import ExperimentConfig, to_dict
+from towerspace.models import build_model
+from towerspace.results import write_json
+from towerspace.towers import TowerSpec, realized_towers
+from towerspace.train import Diverged, Trainer, choose_device, seed_everything
+
+STATUSES = ("running", "finished", "stopped", "diverged", "error")
+CHECKPOINT = "trainer.pt"
+
+
+def provenance() -> dict[str, str | None]:
+    """Package version and the git commit of the source tree, for every record."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10,
+            check=True,
+        ).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout.strip()  # fmt: skip
+        commit += "+dirty" if dirty else ""
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"version": towerspace.__version__, "git_commit": commit}
+
+
+def tower_label(cfg: ExperimentConfig) -> str:
+    """What the trial asked for, as plots and tables label it."""
+    model = cfg.model
+    if model.layer_seed is not None:
+        label = f"random/{model.layer_seed}"
+    else:
+        label = TowerSpec.parse(model.towers).label()
+    if model.overrides:
+        parts = ", ".join(f"{k}={TowerSpec.parse(v).label()}" for k, v in model.overrides.items())
+        label = f"{label} [{parts}]"
+    return label
+
+
+class Trial:
+    """Builds a trial's data, model and trainer, trains it, and keeps its record current."""
+
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        *,
+        seed: int,
+        trial_id: str,
+        point: Mapping[str, Any],
+        record_path: Path,
+        origin: Mapping[str, Any] | None = None,
+    ) -> None:
+        seed_everything(seed)
+        device = choose_device(cfg.train.device)
+        self.data = datasets.load(cfg.data, device=device)
+        self.model = build_model(
+            cfg.model,
+            in_chans=self.data.in_chans,
+            num_classes=self.data.num_classes,
+            image_size=self.data.image_size,
+        )
+        self.trainer = Trainer(self.model, self.data, cfg.train, seed=seed)
+        self.record_path = record_path
+        self.record = self._initial_record(cfg, seed, trial_id, point, origin or provenance())
+
+    def _initial_record(self, cfg, seed, trial_id, point, origin) -> dict[str, Any]:
+        realized = realized_towers(self.model)
+        cost = self.model.complexity(self.data.image_size)
+        budget = getattr(self.model, "budget", None) or {}
+        return {
+            "experiment": cfg.name,
+            "trial_id": trial_id,
+            "status": "running",
+            "seed": seed,
+            "point": dict(point),
+            "towers": tower_label(cfg),
+            "order": cfg.model.order,
+            "mid": cfg.model.mid,
+            "match": cfg.model.match,
+            "width": budget.get("solved_width", cfg.model.width),
+            "budget_error": budget.get("budget_error"),
+            "data": cfg.data.name,
+            "params": cost.params,
+            "flops": cost.flops,
+            "training_flops": cost.training_flops,
+            "realized": realized,
+            "epochs_planned": cfg.train.epochs,
+            "epochs_run": 0,
+            "error": None,
+            "config": to_dict(cfg),
+            **origin,
+            "history": [],
+        }
+
+    def save_checkpoint(self, directory: Path) -> None:
+        """Everything needed to continue this trial exactly."""
+        torch.save(self.trainer.state_dict(), Path(directory) / CHECKPOINT)
+
+    def load_checkpoint(self, directory: Path) -> None:
+        """Continue from a checkpoint (tensors and plain data only: weights_only=True)."""
+        state = torch.load(Path(directory) / CHECKPOINT, weights_only=True, map_location="cpu")
+        self.trainer.load_state_dict(state)
+        self.record["history"] = list(self.trainer.history)
+        self.record["epochs_run"] = len(self.trainer.history)
+
+    def epochs(self) -> Iterator[dict[str, float]]:
+        """Train to the end, yielding each epoch's metrics; the record follows every epoch."""
+        try:
+            for metrics in self.trainer.epochs():
+                self._update(metrics)
+                yield metrics
+        except Diverged as err:
+            self.finish("diverged", str(err))
+            return
+        except Exception as err:
+            self.finish("error", f"{type(err).__name__}: {err}")
+            raise
+        self.finish("finished")
+
+    def _update(self, metrics: Mapping[str, float]) -> None:
+        history = self.record["history"]
+        history.append(dict(metrics))
+        accs = [h["val_acc"] for h in history if math.isfinite(h["val_acc"])]
+        self.record.update(
+            epochs_run=len(history),
+            final_val_acc=history[-1]["val_acc"],
+            final_val_top5=history[-1]["val_top5"],
+            best_val_acc=max(accs) if accs else None,
+            train_time_s=sum(h["epoch_time_s"] for h in history),
+            images_per_s=sum(h["train_images_per_s"] for h in history) / len(history),
+            peak_memory_mb=max(h["peak_memory_mb"] for h in history),
+        )
+        write_json(self.record_path, self.record)
+
+    def finish(self, status: str, error: str | None = None) -> None:
+        """Close the record with a final status."""
+        self.record.update(status=status, error=error)
+        write_json(self.record_path, self.record)
