@@ -6,6 +6,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,6 +86,38 @@ def scheduler(cfg: ExperimentConfig) -> ASHAScheduler | None:
     )
 
 
+class Progress(tune.Callback):
+    """One line per trial that ends, instead of Ray's per-trial tables."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.done, self.start = total, 0, time.monotonic()
+
+    def _line(self, trial, status: str) -> None:
+        self.done += 1
+        point = {k: v for k, v in trial.config.items() if k != TRIAL_INDEX}
+        shown = "  ".join(f"{k.split('.')[-1]}={v}" for k, v in point.items())
+        last = trial.last_result or {}
+        acc = f"val_acc {last['val_acc']:.3f}" if "val_acc" in last else "no result"
+        epochs = last.get("training_iteration", 0)
+        elapsed = time.monotonic() - self.start
+        print(f"[{self.done}/{self.total} {elapsed:5.0f}s] {status:8} {shown}  {acc} "
+              f"after {epochs} epochs", flush=True)  # fmt: skip
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self._line(trial, "done")
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self._line(trial, "error")
+
+
+def count_trials(space: SpaceConfig, seeds: tuple[int, ...]) -> int:
+    """How many trials a space launches."""
+    if space.searcher != "grid":
+        return space.num_samples * len(seeds)
+    grid = math.prod(len(d.values) for d in space.params.values() if d.kind == "grid")
+    return grid * len(seeds) * space.num_samples
+
+
 def run_trial(config: dict[str, Any], *, base: ExperimentConfig, records: str, origin: dict):
     """Ray Tune's trainable: a thin adapter that reports each epoch with a checkpoint."""
     point = {k: v for k, v in config.items() if k not in ("seed", TRIAL_INDEX)}
@@ -109,6 +142,8 @@ def init_ray(address: str | None) -> None:
     """Connect to a Ray cluster (address or RAY_ADDRESS), or start a local one on this machine."""
     if ray.is_initialized():
         return
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     quiet = {"log_to_driver": False, "configure_logging": True, "logging_level": "warning"}
     if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address, **quiet)
@@ -162,6 +197,10 @@ def run_sweep(
         run_trial, base=cfg, records=str(records_dir), origin=provenance()
     )
     repeats = 1 if cfg.space.searcher == "grid" else len(cfg.seeds)
+    total = count_trials(cfg.space, cfg.seeds)
+    cluster = ray.cluster_resources()
+    print(f"{cfg.name}: {total} trials on {cluster.get('CPU', 0):g} CPUs and "
+          f"{cluster.get('GPU', 0):g} GPUs, into {sweep_dir}", flush=True)  # fmt: skip
     tuner = tune.Tuner(
         tune.with_resources(trainable, {"cpu": cfg.resources.cpus, "gpu": cfg.resources.gpus}),
         param_space=param_space(cfg.space, cfg.seeds),
@@ -177,7 +216,8 @@ def run_sweep(
             storage_path=str(storage),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             failure_config=tune.FailureConfig(max_failures=0),
-            verbose=1,
+            callbacks=[Progress(total)],
+            verbose=0,
         ),
     )
     grid = tuner.fit()

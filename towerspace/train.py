@@ -1,0 +1,233 @@
+"""The training loop: plain PyTorch, yields metrics per epoch, knows nothing of Ray."""
+
+from __future__ import annotations
+
+import math
+import random
+import resource
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from towerspace.data import DataBundle
+
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("cosine", "onecycle", "step", "exponential", "constant")
+DEVICES = ("auto", "cpu", "cuda")
+AMPS = ("auto", "bf16", "none")
+SWITCHES = ("auto", "on", "off")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training recipe of every trial."""
+
+    epochs: int = field(default=15, metadata={"min": 1})  # passes over the train split
+    batch_size: int = field(default=128, metadata={"min": 1})
+    optimizer: str = field(default="sgd", metadata={"choices": OPTIMIZERS})  # sgd: momentum
+    lr: float = field(default=0.1, metadata={"gt": 0.0})  # peak learning rate (after warm-up)
+    momentum: float = field(default=0.9, metadata={"min": 0.0, "max": 1.0})
+    nesterov: bool = True
+    weight_decay: float = field(default=5.0e-4, metadata={"min": 0.0})  # not on biases and norms
+    schedule: str = field(default="cosine", metadata={"choices": SCHEDULES})  # per step
+    decay_epochs: float = field(default=2.0, metadata={"gt": 0.0})  # step/exponential (paper: 2)
+    gamma: float = field(default=0.94, metadata={"gt": 0.0, "max": 1.0})  # paper: 0.94
+    warmup_epochs: float = field(default=0.0, metadata={"min": 0.0})  # linear, from lr/10
+    label_smoothing: float = field(default=0.0, metadata={"min": 0.0, "max": 0.5})
+    device: str = field(default="auto", metadata={"choices": DEVICES})  # auto: cuda if present
+    amp: str = field(default="auto", metadata={"choices": AMPS})  # auto: bf16 autocast on cuda
+    channels_last: str = field(default="auto", metadata={"choices": SWITCHES})  # auto: on cuda
+    eval_batch_size: int = field(default=512, metadata={"min": 1})
+    deterministic: bool = False  # torch.use_deterministic_algorithms (GPU); CPU is anyway
+    max_steps: int | None = field(default=None, metadata={"min": 1})  # cap per epoch (smoke)
+
+
+def paper_imagenet(**changes: Any) -> TrainConfig:
+    """The Xception paper's ImageNet recipe (dropout 0.5 is the model's argument)."""
+    recipe = TrainConfig(optimizer="sgd", momentum=0.9, nesterov=False, lr=0.045,
+                         schedule="exponential", decay_epochs=2.0, gamma=0.94,
+                         weight_decay=1e-5)  # fmt: skip
+    return replace(recipe, **changes)
+
+
+class Diverged(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+    def __init__(self, epoch: int, step: int, loss: float) -> None:
+        super().__init__(f"loss is {loss} at epoch {epoch}, step {step}")
+        self.epoch, self.step = epoch, step
+
+
+def choose_device(name: str) -> torch.device:
+    """'auto' picks CUDA when present; 'cuda' without a GPU is an error."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device: 'cuda' was asked for but no CUDA device is visible")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory so far: CUDA allocations on a GPU, the process's max RSS on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+
+
+def lr_factor(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    """Learning-rate multiplier at an optimizer step (warm-up, then the schedule)."""
+    epoch = step / steps_per_epoch
+    total = cfg.epochs * steps_per_epoch
+    if epoch < cfg.warmup_epochs:
+        return 0.1 + 0.9 * epoch / cfg.warmup_epochs
+    if cfg.schedule == "cosine":
+        start = cfg.warmup_epochs * steps_per_epoch
+        progress = (step - start) / max(1.0, total - start)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    if cfg.schedule == "onecycle":  # triangle up to 30%, then down to lr/1000
+        peak = 0.3 * total
+        if step < peak:
+            return 0.1 + 0.9 * step / peak
+        return max(1e-3, 1.0 - (step - peak) / max(1.0, total - peak))
+    if cfg.schedule == "exponential":  # the paper: multiply by gamma every decay_epochs
+        return cfg.gamma ** (epoch / cfg.decay_epochs)
+    if cfg.schedule == "step":
+        return cfg.gamma ** math.floor(epoch / cfg.decay_epochs)
+    return 1.0
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]  # fmt: skip
+
+
+class Trainer:
+    """Trains one model on one data bundle; yields metrics per epoch; knows nothing of Ray."""
+
+    def __init__(self, model: nn.Module, data: DataBundle, cfg: TrainConfig, seed: int = 0):
+        self.cfg, self.data = cfg, data
+        self.device = choose_device(cfg.device)
+        cuda = self.device.type == "cuda"
+        self.channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and cuda)
+        self.amp = cuda and cfg.amp in ("auto", "bf16")
+        if cuda:
+            torch.backends.cudnn.benchmark = not cfg.deterministic
+        if cfg.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        self.model = model.to(self.device, memory_format=memory_format)
+        groups = _param_groups(self.model, cfg.weight_decay)
+        if cfg.optimizer == "sgd":
+            self.optimizer: torch.optim.Optimizer = torch.optim.SGD(
+                groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0
+            )
+        else:
+            self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+        self.generator = torch.Generator().manual_seed(seed)
+        full = math.ceil(len(data.train) / cfg.batch_size)
+        self.steps_per_epoch = min(full, cfg.max_steps) if cfg.max_steps else full
+        self.step, self.epoch = 0, 0
+        self.history: list[dict[str, float]] = []
+
+    def _inputs(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def _autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
+
+    def train_epoch(self) -> tuple[float, int]:
+        """One pass over the train split: (mean loss, images seen)."""
+        self.model.train()
+        total, seen = torch.zeros((), device=self.device), 0
+        batches = self.data.train.batches(self.cfg.batch_size, shuffle=True,
+                                          generator=self.generator, train=True)  # fmt: skip
+        for i, (x, y) in enumerate(batches):
+            if i == self.steps_per_epoch:
+                break
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.cfg.lr * lr_factor(self.cfg, self.step, self.steps_per_epoch)
+            y = y.to(self.device, non_blocking=True)
+            with self._autocast():
+                loss = F.cross_entropy(self.model(self._inputs(x)), y,
+                                       label_smoothing=self.cfg.label_smoothing)  # fmt: skip
+            if not torch.isfinite(loss):
+                raise Diverged(self.epoch + 1, i + 1, loss.item())
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            total += loss.detach() * len(y)
+            seen += len(y)
+            self.step += 1
+        return (total / max(seen, 1)).item(), seen
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Validation loss, top-1 and top-5 accuracy."""
+        self.model.eval()
+        loss = top1 = top5 = 0.0
+        n = 0
+        for x, y in self.data.val.batches(self.cfg.eval_batch_size, shuffle=False):
+            y = y.to(self.device, non_blocking=True)
+            with self._autocast():
+                logits = self.model(self._inputs(x)).float()
+            loss += F.cross_entropy(logits, y, reduction="sum").item()
+            k = min(5, logits.shape[1])
+            hits = logits.topk(k, dim=1).indices == y[:, None]
+            top1 += hits[:, 0].sum().item()
+            top5 += hits.any(dim=1).sum().item()
+            n += len(y)
+        return {"val_loss": loss / n, "val_acc": top1 / n, "val_top5": top5 / n}
+
+    def epochs(self) -> Iterator[dict[str, float]]:
+        """Train from the current epoch to the last, yielding each epoch's metrics."""
+        while self.epoch < self.cfg.epochs:
+            start = time.perf_counter()
+            train_loss, seen = self.train_epoch()
+            train_time = time.perf_counter() - start
+            metrics = {"epoch": self.epoch + 1, "train_loss": train_loss, **self.evaluate(),
+                       "lr": self.optimizer.param_groups[0]["lr"],
+                       "epoch_time_s": time.perf_counter() - start,
+                       "train_images_per_s": seen / max(train_time, 1e-9),
+                       "peak_memory_mb": peak_memory_mb(self.device)}  # fmt: skip
+            self.epoch += 1
+            self.history.append(metrics)
+            yield metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly: weights, optimizer, RNG, progress, history."""
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "step": self.step,
+            "epoch": self.epoch,
+            "history": [dict(h) for h in self.history],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from state_dict()."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        self.step, self.epoch = state["step"], state["epoch"]
+        self.history = [dict(h) for h in state["history"]]
