@@ -14,8 +14,7 @@ $(STAMP): pyproject.toml requirements.lock
 setup: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/towerspace models --width 0.25 --middle-blocks 2 --stem small --size 16 --classes 10 \
-		--in-chans 1 --match params --towers 1,2,4,8,16,32,depthwise
+	$(BIN)/towerspace sweep experiments/digits_continuum.yaml --restart
 
 test: $(STAMP)
 	$(BIN)/ruff check .

@@ -63,23 +63,13 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-# --smoke: the same experiment, tiny and on CPU, so every file runs in CI in seconds
-SMOKE = (
-    "train.epochs=1", "train.max_steps=2", "model.width=0.125", "model.middle_blocks=1",
-    "data.name=synthetic", "data.root=null", "data.num_samples=64", "resources.gpus=0",
-    "resources.cpus=1",
-)  # fmt: skip
-
-
 def cmd_sweep(args: argparse.Namespace) -> int:
     """Run an experiment's sweep on Ray Tune and print where its results are."""
     from towerspace import config, results  # config loads fast; Ray loads with sweep only
 
-    overrides = [*(SMOKE if args.smoke else ()), *args.set]
+    overrides = [*(config.SMOKE_OVERRIDES if args.smoke else ()), *args.set]
     cfg = config.load_experiment(args.experiment, overrides)
-    if args.smoke:
-        size = min(cfg.data.image_size or 16, 32)
-        cfg = config.apply(cfg, {"data.image_size": size, "seeds": list(cfg.seeds[:1])})
+    cfg = config.smoke(cfg) if args.smoke else cfg
     storage = Path(args.storage or cfg.storage or "runs")
     from towerspace import sweep
 

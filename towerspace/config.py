@@ -97,26 +97,36 @@ def _did_you_mean(word: str, options: Sequence[str]) -> str:
 
 
 def _show(value: Any) -> str:
-    return repr(value) if isinstance(value, str) else str(value)
+    """A value as the user wrote it in YAML: 'text', true, 0.5."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return (
+        repr(value)
+        if isinstance(value, str)
+        else f"{value:g}"
+        if isinstance(value, float)
+        else str(value)
+    )
 
 
 def _range(meta: Mapping[str, Any]) -> str:
     if "min" in meta and "max" in meta:
-        return f"{meta['min']} to {meta['max']}"
+        return f"{_show(meta['min'])} to {_show(meta['max'])}"
     bounds = (("gt", ">"), ("min", ">="), ("max", "<="))
-    return " and ".join(f"{sign} {meta[key]}" for key, sign in bounds if key in meta)
+    return " and ".join(f"{sign} {_show(meta[key])}" for key, sign in bounds if key in meta)
 
 
 def _check_meta(value: Any, meta: Mapping[str, Any], where: str, path: str) -> None:
     if "choices" in meta and value not in meta["choices"]:
         hint = _did_you_mean(str(value), meta["choices"])
-        _fail(where, path, f"{_show(value)} is not allowed; {hint}"
-                           f"(allowed: {', '.join(meta['choices'])})")  # fmt: skip
+        allowed = f"(allowed: {', '.join(meta['choices'])})"
+        _fail(where, path, f"{_show(value)} is not allowed; {hint}{allowed}" if hint
+                           else f"{_show(value)} is not allowed {allowed}")  # fmt: skip
     if isinstance(value, bool) or not isinstance(value, int | float):
         return
     low_ok = value >= meta.get("min", value) and ("gt" not in meta or value > meta["gt"])
     if not low_ok or value > meta.get("max", value):
-        _fail(where, path, f"{value} is out of range; allowed: {_range(meta)}")
+        _fail(where, path, f"{_show(value)} is out of range; allowed: {_range(meta)}")
 
 
 def _coerce(hint: Any, value: Any, where: str, path: str) -> Any:
@@ -276,11 +286,19 @@ def load_space(name: Any, experiment_file: Path) -> tuple[dict[str, Any], str]:
             raise ConfigError(f"{experiment_file}: space: no search space {name!r}; "
                               f"{_did_you_mean(name, available)}"
                               f"(available: {', '.join(available)})")  # fmt: skip
-        path = found[0]
+        path = _relative(found[0])
     raw = _read_yaml(path)
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of fields at the top")
     return {"name": path.stem, **raw}, str(path)
+
+
+def _relative(path: Path) -> Path:
+    """path relative to the working directory when it lies below it, for shorter messages."""
+    try:
+        return path.resolve().relative_to(Path.cwd())
+    except ValueError:
+        return path
 
 
 def load_experiment(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentConfig:
@@ -314,6 +332,9 @@ def _validate(raw: dict[str, Any], where: str, space_file: str) -> ExperimentCon
         _fail(where, "seeds", "needs at least one seed")
     if len(set(cfg.seeds)) != len(cfg.seeds):
         _fail(where, "seeds", f"{list(cfg.seeds)} repeats a seed")
+    if cfg.scheduler.name == "asha" and cfg.scheduler.grace_period > cfg.train.epochs:
+        _fail(where, "scheduler.grace_period", f"{cfg.scheduler.grace_period} is more than "
+                                               f"train.epochs ({cfg.train.epochs})")  # fmt: skip
     _check_towers(cfg, where)
     _check_space(cfg, space_file)
     return cfg
@@ -355,6 +376,27 @@ def _set_copy(base: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
     raw["space"] = {"name": raw["space"]["name"]}  # values are checked without the space
     _set(raw, key, value)
     return raw
+
+
+# ---------------------------------------------------------------- smoke mode
+
+# The same experiment, tiny and on the CPU with synthetic data, so every file runs in seconds.
+SMOKE_OVERRIDES = (
+    "train.epochs=1", "train.max_steps=2", "model.width=0.125", "model.middle_blocks=1",
+    "data.name=synthetic", "data.root=null", "data.num_samples=64", "resources.gpus=0",
+    "resources.cpus=1", "space.num_samples=2", "scheduler.grace_period=1",
+)  # fmt: skip
+
+
+def smoke(cfg: ExperimentConfig) -> ExperimentConfig:
+    """An experiment cut to its plumbing: one seed, the ends of every grid axis, small images."""
+    params = {
+        key: Domain("grid", (d.values[0], d.values[-1])) if d.kind == "grid" else d
+        for key, d in cfg.space.params.items()
+    }
+    space = dataclasses.replace(cfg.space, params=params)
+    data = dataclasses.replace(cfg.data, image_size=min(cfg.data.image_size or 16, 32))
+    return dataclasses.replace(cfg, space=space, data=data, seeds=cfg.seeds[:1])
 
 
 # ---------------------------------------------------------------- round trips

@@ -145,7 +145,7 @@ class DataBundle:
 def load(cfg: DataConfig, device: torch.device | str = "cpu", num_workers: int = 2) -> DataBundle:
     """Load a data set as a DataBundle; small sets are moved to the device once."""
     loaders = {"digits": _digits, "synthetic": _synthetic, "imagefolder": _imagefolder}
-    if cfg.name not in loaders:
+    if cfg.name not in NAMES:
         raise DataError(f"data.name: {cfg.name!r} is not one of: {', '.join(NAMES)}")
     bundle = loaders.get(cfg.name, _torchvision)(cfg, num_workers, torch.device(device))
     if isinstance(bundle.train, TensorBatches):

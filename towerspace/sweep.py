@@ -240,5 +240,8 @@ def close_records(grid: tune.ResultGrid, records_dir: Path, cfg: ExperimentConfi
                       "point": {}, "history": []}  # fmt: skip
         if record["status"] != "running":
             continue
-        record.update(status="error" if error else "stopped", error=error)
+        # a scheduler may stop a trial at its last epoch too: it ran to the end, so it finished
+        ran_out = record.get("epochs_run", 0) >= record.get("epochs_planned", math.inf)
+        status = "error" if error else "finished" if ran_out else "stopped"
+        record.update(status=status, error=error)
         write_json(path, record)

@@ -1,0 +1,187 @@
+"""Experiment and search-space files: every shipped file validates; mistakes get one exact line."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from towerspace.cli import main
+from towerspace.config import ConfigError, apply, from_dict, load_experiment, to_dict
+
+REPO = Path(__file__).resolve().parent.parent
+EXPERIMENTS = sorted((REPO / "experiments").glob("*.yaml"))
+BASE = """name: t
+data: {name: digits, image_size: 16}
+model: {width: 0.25, middle_blocks: 1}
+space: continuum
+seeds: [0]
+train: {epochs: 1}
+"""
+TOWERS = "towers must be an int >= 1, 'regular' or 'depthwise', got"
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    """A project folder with the real search spaces and an experiments/ folder, as the cwd."""
+    shutil.copytree(REPO / "search_spaces", tmp_path / "search_spaces")
+    (tmp_path / "experiments").mkdir()
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def _write(project, text, name="x"):
+    path = Path("experiments") / f"{name}.yaml"
+    (project / path).write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.stem)
+def test_every_shipped_experiment_validates(path):
+    cfg = load_experiment(path)
+    assert cfg.name == path.stem and cfg.space.params
+    assert from_dict(to_dict(cfg)) == cfg
+
+
+def test_every_shipped_space_is_used_and_loads():
+    spaces = {p.stem for p in (REPO / "search_spaces").glob("*.yaml")}
+    assert spaces == {"continuum", "group_width", "inception_points", "per_flow",
+                      "layerwise_random", "order_x_mid"}  # fmt: skip
+    for space in spaces:
+        cfg = load_experiment(REPO / "experiments/digits_continuum.yaml", [f"space={space}"])
+        assert cfg.space.name == space
+
+
+def test_overrides_parse_as_yaml(project):
+    path = _write(project, BASE)
+    cfg = load_experiment(path, ["train.epochs=3", "train.lr=0.05", "train.nesterov=false",
+                                 "train.max_steps=null", "model.towers={group_width: 8}",
+                                 "seeds=[3, 4]", "model.overrides.middle=depthwise",
+                                 "space.num_samples=2"])  # fmt: skip
+    assert (cfg.train.epochs, cfg.train.lr, cfg.train.nesterov) == (3, 0.05, False)
+    assert cfg.model.towers == {"group_width": 8} and cfg.seeds == (3, 4)
+    assert cfg.model.overrides == {"middle": "depthwise"} and cfg.space.num_samples == 2
+
+
+def test_apply_sets_a_trials_point_and_validates(project):
+    cfg = load_experiment(_write(project, BASE))
+    trial = apply(cfg, {"model.towers": 4, "model.overrides.exit": 1, "train.lr": 0.2})
+    assert (trial.model.towers, trial.model.overrides, trial.train.lr) == (4, {"exit": 1}, 0.2)
+    assert cfg.model.towers == "depthwise"  # frozen: the base is untouched
+    with pytest.raises(ConfigError, match=f"model.towers: {TOWERS} 0"):
+        apply(cfg, {"model.towers": 0})
+
+
+BAD_FILES = [
+    ("epochs: 1", "epoch: 1", "train.epoch: unknown field; did you mean 'epochs'? (allowed: amp, "
+     "batch_size, channels_last, decay_epochs, deterministic, device, epochs, eval_batch_size, "
+     "gamma, label_smoothing, lr, max_steps, momentum, nesterov, optimizer, schedule, "
+     "warmup_epochs, weight_decay)"),
+    ("epochs: 1", "epochs: ten", "train.epochs: expected an integer, got 'ten'"),
+    ("epochs: 1", "epochs: true", "train.epochs: expected an integer, got true"),
+    ("epochs: 1", "epochs: 1, lr: -0.1", "train.lr: -0.1 is out of range; allowed: > 0"),
+    ("name: digits", "name: cifar", "data.name: 'cifar' is not allowed; did you mean 'cifar10'? "
+     "(allowed: digits, mnist, cifar10, cifar100, imagefolder, synthetic)"),
+    ("seeds: [0]", "seeds: [0",
+     "not valid YAML (line 6, column 6): expected ',' or ']', but got ':'"),
+    ("seeds: [0]", "seeds: []", "seeds: needs at least one seed"),
+    ("seeds: [0]", "seeds: [1, 1]", "seeds: [1, 1] repeats a seed"),
+    ("name: t\n", "", "name: missing (required)"),
+    ("name: t", "name: my sweep",
+     "name: 'my sweep' may hold only letters, digits, '_', '-' and '.'"),
+    ("space: continuum", "space: contnuum", "space: no search space 'contnuum'; did you mean "
+     "'continuum'? (available: continuum, group_width, inception_points, layerwise_random, "
+     "order_x_mid, per_flow)"),
+    ("middle_blocks: 1", "middle_blocks: 1, towers: 0", f"model.towers: {TOWERS} 0"),
+    ("middle_blocks: 1", "middle_blocks: 1, towers: {group_width: -2}",
+     "model.towers: group_width must be an int >= 1, got -2"),
+    ("middle_blocks: 1", "middle_blocks: 1, overrides: {middle: 0}",
+     f"model.overrides.middle: {TOWERS} 0"),
+    ("width: 0.25", "width: 0", "model.width: 0 is out of range; allowed: > 0 and <= 16"),
+    ("middle_blocks: 1", "middle_blocks: 1, order: spatial_frist", "model.order: "
+     "'spatial_frist' is not allowed; did you mean 'spatial_first'? (allowed: spatial_first, "
+     "pointwise_first)"),
+    ("seeds: [0]", "seeds: [0]\nscheduler: {name: hyperband}",
+     "scheduler.name: 'hyperband' is not allowed (allowed: fifo, asha)"),
+    ("seeds: [0]", "seeds: [0]\nscheduler: {name: asha, grace_period: 5}",
+     "scheduler.grace_period: 5 is more than train.epochs (1)"),
+    ("seeds: [0]", "seeds: [0]\nresources: {cpus: 0}",
+     "resources.cpus: 0 is out of range; allowed: > 0"),
+    ("seeds: [0]", "seeds: [0]\nstorage: !!python/object/apply:os.system ['touch pwned']",
+     "not valid YAML (line 6, column 10): tags like !!python/... are not allowed (files are read "
+     "with safe_load)"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("old", "new", "message"), BAD_FILES)
+def test_bad_experiment_files(project, old, new, message):
+    path = _write(project, BASE.replace(old, new))
+    with pytest.raises(ConfigError) as err:
+        load_experiment(path)
+    assert str(err.value) == f"{path}: {message}"
+    assert not (project / "pwned").exists()
+
+
+@pytest.mark.parametrize(
+    ("space", "message"),
+    [
+        ("model.tower: {grid: [1, 2]}",
+         "params.model.tower: names no experiment field; did you mean 'model.towers'?"),
+        ("model.towers: {grid: [1, 0]}", f"params.model.towers: 0: {TOWERS} 0"),
+        ("seed: {grid: [1, 2]}",
+         "params.seed: seeds come from the experiment's seeds, not the space"),
+        ("train.lr: {uniform: [1, 0.1]}",
+         "params.train.lr: uniform needs [low, high] with low < high, got [1, 0.1]"),
+        ("train.lr: {normal: [0, 1]}", "params.train.lr: expected one of {grid, choice, uniform, "
+         "loguniform, randint}: [values], got {'normal': [0, 1]}"),
+    ],
+)  # fmt: skip
+def test_bad_search_spaces(project, space, message):
+    (project / "search_spaces/bad.yaml").write_text(f"searcher: grid\nparams:\n  {space}\n")
+    path = _write(project, BASE.replace("space: continuum", "space: bad"))
+    with pytest.raises(ConfigError) as err:
+        load_experiment(path)
+    assert str(err.value) == f"search_spaces/bad.yaml: {message}"
+
+
+def test_grid_needs_the_grid_searcher(project):
+    (project / "search_spaces/bad.yaml").write_text(
+        "searcher: optuna\nparams:\n  model.towers: {grid: [1, 2]}\n"
+    )
+    with pytest.raises(ConfigError) as err:
+        load_experiment(_write(project, BASE.replace("space: continuum", "space: bad")))
+    assert str(err.value) == (
+        "search_spaces/bad.yaml: params.model.towers: grid needs searcher: grid "
+        "(optuna samples; use choice)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        ("train.epoch=1", "--set train.epoch=1: unknown field; did you mean 'train.epochs'?"),
+        ("train.epochs", "--set train.epochs: expected key=value"),
+        ("train.epochs=0", "experiments/x.yaml: train.epochs: 0 is out of range; allowed: >= 1"),
+        ("space.searcher=bayes", "search_spaces/continuum.yaml: searcher: 'bayes' is not allowed "
+         "(allowed: grid, random, optuna)"),
+    ],
+)  # fmt: skip
+def test_bad_overrides(project, sets, message):
+    path = _write(project, BASE)
+    with pytest.raises(ConfigError) as err:
+        load_experiment(path, [sets])
+    assert str(err.value) == message
+
+
+def test_missing_file(project):
+    with pytest.raises(ConfigError, match=r"^experiments/nope.yaml: no such file$"):
+        load_experiment("experiments/nope.yaml")
+
+
+def test_sweep_command_refuses_bad_input_before_anything_starts(project, capsys):
+    path = _write(project, BASE.replace("epochs: 1", "epochs: 0"))
+    before = sorted(p.relative_to(project) for p in project.rglob("*"))
+    assert main(["sweep", str(path), "--storage", "out"]) == 2
+    assert capsys.readouterr().err == (
+        "towerspace: error: experiments/x.yaml: train.epochs: 0 is out of range; allowed: >= 1\n"
+    )
+    assert sorted(p.relative_to(project) for p in project.rglob("*")) == before  # nothing written

@@ -1,0 +1,90 @@
+"""Sweeps end to end on a real local Ray: grid, Optuna, ASHA, and every experiment's smoke mode."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from towerspace import config, results
+from towerspace.cli import main
+from towerspace.sweep import run_sweep
+
+REPO = Path(__file__).resolve().parent.parent
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("local_ray")]
+
+
+def _digits(*sets):
+    base = ("train.epochs=1", "model.width=0.125", "model.middle_blocks=1", "seeds=[0]",
+            "model.match=params")  # fmt: skip
+    return config.load_experiment(REPO / "experiments/digits_continuum.yaml", [*base, *sets])
+
+
+def test_grid_sweep_writes_one_finished_row_per_trial(tmp_path):
+    cfg = _digits("space.params={model.towers: {grid: [1, 4, depthwise]}}", "seeds=[0, 1]")
+    outcome = run_sweep(cfg, storage=tmp_path)
+    assert outcome.statuses == {"finished": 6} and outcome.failed == 0
+    table = results.load(outcome.results_path)
+    assert len(table) == 6 and table["trial_id"].is_unique
+    assert sorted(table["towers"].unique()) == ["1", "4", "depthwise"]
+    assert sorted(table["seed"]) == [0, 0, 0, 1, 1, 1]
+    for _, row in table.iterrows():
+        realized = json.loads(row["realized_towers"])
+        assert len(realized) == 2 * 3 + 1 * 3 + 2 + 2  # every separable conv of the model
+        counts = {r["towers"] for r in realized.values()}
+        if row["towers"] == "depthwise":
+            assert all(r["group_width"] == 1 for r in realized.values())
+        else:
+            assert counts == {int(row["towers"])}  # matched widths realize the asked count
+        assert abs(row["budget_error"]) <= 0.02
+        assert row["epochs_run"] == 1 and 0.0 <= row["final_val_acc"] <= 1.0
+        assert row["params"] > 0 and row["training_flops"] == 3 * row["flops"]
+        assert row["version"] and json.loads(row["config"])["name"] == "digits_continuum"
+    history = results.load_history(outcome.history_path)
+    assert len(history) == 6 and set(history["epoch"]) == {1}
+    # the same seed and point gives the same parameters: the budget solve is deterministic
+    assert table.groupby("towers")["params"].nunique().max() == 1
+
+
+def test_optuna_search_repeats_each_point_over_the_seeds(tmp_path):
+    cfg = _digits("space=per_flow", "space.num_samples=2", "seeds=[0, 1]", "train.max_steps=2")
+    outcome = run_sweep(cfg, storage=tmp_path)
+    table = results.load(outcome.results_path)
+    assert outcome.statuses == {"finished": 4}
+    points = table.groupby("point")["seed"].apply(sorted)
+    assert len(points) == 2 and all(seeds == [0, 1] for seeds in points)
+    assert all("[entry=" in label for label in table["towers"])
+
+
+def test_asha_closes_every_trial(tmp_path):
+    asha = "scheduler={name: asha, grace_period: 1, reduction_factor: 2}"
+    grid = "space.params={model.towers: {grid: [1, 2, 4, depthwise]}}"
+    cfg = _digits(grid, asha, "train.epochs=3", "train.max_steps=2")
+    outcome = run_sweep(cfg, storage=tmp_path)
+    table = results.load(outcome.results_path)
+    assert len(table) == 4 and set(table["status"]) <= {"finished", "stopped"}
+    assert "finished" in set(table["status"])
+    stopped = table[table["status"] == "stopped"]
+    assert (stopped["epochs_run"] < 3).all() and (table["epochs_run"] >= 1).all()
+
+
+def test_an_existing_sweep_is_not_overwritten(tmp_path, capsys):
+    exp = str(REPO / "experiments/digits_continuum.yaml")
+    (tmp_path / "digits_continuum" / "records").mkdir(parents=True)
+    (tmp_path / "digits_continuum" / "records" / "old.json").write_text("{}")
+    assert main(["sweep", exp, "--smoke", "--storage", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == (
+        f"towerspace: error: {tmp_path}/digits_continuum: a sweep named 'digits_continuum' is "
+        f"already there; pass --restart to replace it, or --storage to write elsewhere\n"
+    )
+    assert (tmp_path / "digits_continuum" / "records" / "old.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize(
+    "path", sorted((REPO / "experiments").glob("*.yaml")), ids=lambda p: p.stem
+)
+def test_every_experiment_runs_in_smoke_mode(path, tmp_path, capsys):
+    assert main(["sweep", str(path), "--smoke", "--storage", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    table = results.load(tmp_path / path.stem)
+    assert len(table) >= 2 and set(table["status"]) == {"finished"}
+    assert f"results: {tmp_path / path.stem / 'results.parquet'}" in out

@@ -1,0 +1,109 @@
+"""The trainer: learns, reproduces and resumes exactly, follows its schedules, stops on NaN."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from towerspace.data import DataConfig, load
+from towerspace.train import Diverged, TrainConfig, Trainer, lr_factor, paper_imagenet
+
+KEYS = {"epoch", "train_loss", "val_loss", "val_acc", "val_top5", "lr", "epoch_time_s",
+        "train_images_per_s", "peak_memory_mb"}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load(DataConfig(name="digits"))
+
+
+def _net(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, 10))  # fmt: skip
+
+
+def _run(digits, epochs=2, **kw):
+    trainer = Trainer(_net(), digits, TrainConfig(epochs=epochs, batch_size=64, **kw), seed=0)
+    return trainer, list(trainer.epochs())
+
+
+def test_learns_digits_and_reports_every_metric(digits):
+    _, history = _run(digits, epochs=3, lr=0.2)
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert all(set(h) == KEYS for h in history)
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert history[-1]["val_acc"] > 0.5  # chance is 0.1
+    assert all(0 <= h["val_acc"] <= h["val_top5"] <= 1 for h in history)
+
+
+def test_same_seed_same_metrics(digits):
+    strip = lambda hs: [{k: v for k, v in h.items() if "time" not in k and "per_s" not in k  # noqa: E731
+                         and "memory" not in k} for h in hs]  # fmt: skip
+    assert strip(_run(digits)[1]) == strip(_run(digits)[1])
+
+
+def test_resume_from_state_equals_an_uninterrupted_run(digits):
+    cfg = TrainConfig(epochs=2, batch_size=64)
+    straight = Trainer(_net(), digits, cfg, seed=0)
+    full = list(straight.epochs())
+    first = Trainer(_net(), digits, cfg, seed=0)
+    next(first.epochs())
+    state = first.state_dict()
+    resumed = Trainer(_net(seed=99), digits, cfg, seed=5)  # other init and seed: state wins
+    resumed.load_state_dict(state)
+    rest = list(resumed.epochs())
+    assert [h["epoch"] for h in rest] == [2]
+    assert rest[0]["val_loss"] == full[1]["val_loss"] and rest[0]["val_acc"] == full[1]["val_acc"]
+    for a, b in zip(straight.model.state_dict().values(), resumed.model.state_dict().values(),
+                    strict=True):  # fmt: skip
+        assert torch.equal(a, b)
+
+
+def test_schedules():
+    cos = TrainConfig(epochs=10, schedule="cosine")
+    assert lr_factor(cos, 0, 10) == 1.0 and lr_factor(cos, 100, 10) == pytest.approx(0.0)
+    assert lr_factor(cos, 50, 10) == pytest.approx(0.5)
+    paper = paper_imagenet(epochs=10)
+    assert (paper.lr, paper.momentum, paper.nesterov, paper.weight_decay) == (0.045, 0.9, False,
+                                                                              1e-5)  # fmt: skip
+    assert lr_factor(paper, 20, 10) == pytest.approx(0.94)  # 0.94 every 2 epochs
+    assert lr_factor(paper, 40, 10) == pytest.approx(0.94**2)
+    step = TrainConfig(schedule="step", decay_epochs=2, gamma=0.5)
+    assert [lr_factor(step, s, 10) for s in (0, 19, 20, 40)] == [1.0, 1.0, 0.5, 0.25]
+    warm = TrainConfig(epochs=10, warmup_epochs=2)
+    assert lr_factor(warm, 0, 10) == pytest.approx(0.1) and lr_factor(warm, 10, 10) == 0.55
+    one = TrainConfig(epochs=10, schedule="onecycle")
+    assert lr_factor(one, 30, 10) == pytest.approx(1.0) and lr_factor(one, 100, 10) == 1e-3
+
+
+def test_a_nan_loss_stops_at_once(digits):
+    class Explodes(nn.Module):
+        def forward(self, x):
+            return torch.full((len(x), 10), math.nan, requires_grad=True)
+
+    trainer = Trainer(Explodes(), digits, TrainConfig(epochs=2, optimizer="adamw"), seed=0)
+    trainer.optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)])
+    with pytest.raises(Diverged, match=r"^loss is nan at epoch 1, step 1$") as err:
+        list(trainer.epochs())
+    assert (err.value.epoch, err.value.step) == (1, 1)
+
+
+def test_weight_decay_skips_biases_and_norms(digits):
+    trainer, _ = _run(digits, epochs=1, max_steps=1)
+    decayed, plain = trainer.optimizer.param_groups
+    assert all(p.ndim > 1 for p in decayed["params"]) and decayed["weight_decay"] == 5e-4
+    assert all(p.ndim == 1 for p in plain["params"]) and plain["weight_decay"] == 0.0
+
+
+def test_max_steps_caps_an_epoch(digits):
+    trainer, history = _run(digits, epochs=1, max_steps=3)
+    assert trainer.step == 3 and history[0]["epoch"] == 1
+
+
+def test_cuda_is_refused_without_a_gpu(digits):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(ValueError, match=r"train\.device: 'cuda' was asked for but no CUDA"):
+        Trainer(_net(), digits, TrainConfig(device="cuda"), seed=0)
