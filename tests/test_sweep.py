@@ -19,9 +19,8 @@ def _digits(*sets):
     return config.load_experiment(REPO / "experiments/digits_continuum.yaml", [*base, *sets])
 
 
-def test_grid_sweep_writes_one_finished_row_per_trial(tmp_path):
-    cfg = _digits("space.params={model.towers: {grid: [1, 4, depthwise]}}", "seeds=[0, 1]")
-    outcome = run_sweep(cfg, storage=tmp_path)
+def test_grid_sweep_writes_one_finished_row_per_trial(tiny_sweep):
+    outcome = tiny_sweep
     assert outcome.statuses == {"finished": 6} and outcome.failed == 0
     table = results.load(outcome.results_path)
     assert len(table) == 6 and table["trial_id"].is_unique
@@ -88,3 +87,4 @@ def test_every_experiment_runs_in_smoke_mode(path, tmp_path, capsys):
     table = results.load(tmp_path / path.stem)
     assert len(table) >= 2 and set(table["status"]) == {"finished"}
     assert f"results: {tmp_path / path.stem / 'results.parquet'}" in out
+    assert f"  {tmp_path / path.stem / 'plots' / 'continuum.png'}" in out  # the sweep ends in plots

@@ -1,4 +1,4 @@
-"""`towerspace sweep | blocks | models`: thin commands that parse arguments and delegate."""
+"""`towerspace sweep | plot | blocks | models`: thin commands that parse and delegate."""
 
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     """Run an experiment's sweep on Ray Tune and print where its results are."""
-    from towerspace import config, results  # config loads fast; Ray loads with sweep only
+    from towerspace import config  # config loads fast; Ray loads with the sweep module only
 
     overrides = [*(config.SMOKE_OVERRIDES if args.smoke else ()), *args.set]
     cfg = config.load_experiment(args.experiment, overrides)
@@ -74,12 +74,34 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from towerspace import sweep
 
     outcome = sweep.run_sweep(cfg, storage=storage, address=args.address, restart=args.restart)
-    table = results.load(outcome.results_path)
     counts = ", ".join(f"{n} {status}" for status, n in sorted(outcome.statuses.items()))
-    print(f"\n{cfg.name}: {len(table)} trials ({counts})")
-    _print_table(results.summary(table), "final validation accuracy over seeds, by towers:")
-    print(f"results: {outcome.results_path}\nhistory: {outcome.history_path}")
+    print(f"\n{cfg.name}: {sum(outcome.statuses.values())} trials ({counts})")
+    _report(outcome.sweep_dir)
     return 1 if outcome.failed else 0
+
+
+def _report(sweep_dir: Path) -> None:
+    from towerspace.report import write_report
+
+    report = write_report(sweep_dir)
+    for note in report.warnings:
+        print(f"towerspace: warning: {note}", file=sys.stderr)
+    if not report.summary.empty:
+        columns = ["towers", "n", "mean", "std", "ci_low", "ci_high", "params", "flops",
+                   "images_per_s", "failed"]  # fmt: skip
+        shown = report.summary[[c for c in columns if c in report.summary]].round(4)
+        _print_table(shown, "final validation accuracy over seeds (95% t-interval), by towers:")
+    print(f"results: {sweep_dir / 'results.parquet'}\nhistory: {sweep_dir / 'history.parquet'}")
+    print("figures:\n" + "\n".join(f"  {p}" for p in report.figures if p.suffix == ".png"))
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    """Rebuild a sweep's tables and draw its figures."""
+    sweep_dir = Path(args.results_dir)
+    if not (sweep_dir / "records").is_dir():
+        raise ValueError(f"{sweep_dir}: no sweep here (no records/ folder)")
+    _report(sweep_dir)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,6 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="tiny, synthetic-data, CPU-only run of the experiment (seconds)",
     )
     sweep.set_defaults(func=cmd_sweep)
+
+    plot = sub.add_parser("plot", help="rebuild a sweep's tables and draw its figures")
+    plot.add_argument("results_dir", help="a sweep's folder, e.g. runs/digits_continuum")
+    plot.set_defaults(func=cmd_plot)
 
     blocks = sub.add_parser("blocks", help="one layer's cost at every valid tower count")
     blocks.add_argument("--channels", type=_positive_int, default=728, help="input channels (728)")

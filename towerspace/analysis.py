@@ -1,0 +1,132 @@
+"""Continuum analysis: derived columns, summaries over seeds, paired comparisons (pandas in/out)."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+GROUPS = ("order", "mid", "match")  # curves of one continuum: the same order, mid op and budget
+METRIC = "final_val_acc"
+REGIMES = ("regular", "inception", "depthwise")
+
+
+def derive(results: pd.DataFrame) -> pd.DataFrame:
+    """Add effective towers, log2 group width and regime from each trial's realized towers."""
+    table = results.copy()
+    realized = [json.loads(r) if isinstance(r, str) else {} for r in table["realized_towers"]]
+    table["effective_towers"] = [_geomean([s["towers"] for s in r.values()]) for r in realized]
+    table["log2_group_width"] = [
+        float(np.mean([math.log2(s["group_width"]) for s in r.values()])) if r else math.nan
+        for r in realized
+    ]
+    table["regime"] = [_regime(r) for r in realized]
+    if "position" not in table:
+        table["position"] = [float(np.mean([s["position"] for s in r.values()])) for r in realized]
+    return table
+
+
+def _geomean(values: Sequence[float]) -> float:
+    return float(2 ** np.mean(np.log2(values))) if len(values) else math.nan
+
+
+def _regime(realized: dict) -> str:
+    regimes = {s["regime"] for s in realized.values()}
+    return regimes.pop() if len(regimes) == 1 else "inception" if regimes else "unknown"
+
+
+def excluded(results: pd.DataFrame) -> list[str]:
+    """Trials left out of summaries (anything not finished), as 'trial_id (status)'."""
+    bad = results[results["status"] != "finished"]
+    return [f"{t} ({s})" for t, s in zip(bad["trial_id"], bad["status"], strict=True)]
+
+
+def _groups(table: pd.DataFrame, by: Sequence[str]) -> list[str]:
+    return [c for c in (*by, *GROUPS) if c in table.columns and c not in ("seed",)]
+
+
+def summarize(
+    results: pd.DataFrame, by: Sequence[str] = ("towers",), metric: str = METRIC
+) -> pd.DataFrame:
+    """Per point: mean, std, count and 95% t-interval of the metric over seeds, with costs.
+
+    Trials that did not finish are excluded; they are counted in `failed` and named in
+    `summary.attrs["excluded"]`.
+    """
+    table = derive(results)
+    keys = _groups(table, by)
+    done = table[table["status"] == "finished"]
+    costs = [c for c in ("params", "flops", "training_flops", "images_per_s") if c in table]
+    agg = done.groupby(keys, sort=False, dropna=False).agg(
+        n=(metric, "count"),
+        mean=(metric, "mean"),
+        std=(metric, "std"),
+        position=("position", "mean"),
+        effective_towers=("effective_towers", "mean"),
+        log2_group_width=("log2_group_width", "mean"),
+        regime=("regime", "first"),
+        **{c: (c, "mean") for c in costs},
+    )
+    half = [
+        stats.t.ppf(0.975, n - 1) * s / math.sqrt(n) if n > 1 else math.nan
+        for n, s in zip(agg["n"], agg["std"], strict=True)
+    ]
+    agg["ci_low"], agg["ci_high"] = agg["mean"] - half, agg["mean"] + half
+    failed = table[table["status"] != "finished"].groupby(keys, sort=False, dropna=False).size()
+    agg["failed"] = failed.reindex(agg.index, fill_value=0).astype(int)
+    for column in ("params", "flops", "training_flops"):
+        if column in agg:
+            agg[column] = agg[column].round().astype("int64")
+    summary = agg.reset_index().sort_values([*keys[1:], "position"], kind="stable")
+    summary = summary.reset_index(drop=True)
+    summary.attrs["excluded"] = excluded(results)
+    return summary
+
+
+def compare(
+    results: pd.DataFrame,
+    reference: str = "depthwise",
+    metric: str = METRIC,
+    *,
+    n_boot: int = 10_000,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Paired differences against a reference point, pairing trials by seed, with bootstrap CIs.
+
+    For each point (and order / mid / budget group), diff = metric(point, seed) -
+    metric(reference, seed) over the seeds both finished; the 95% interval is a percentile
+    bootstrap of the mean difference.
+    """
+    table = derive(results)
+    done = table[table["status"] == "finished"]
+    keys = _groups(table, ("towers",))
+    rest = keys[1:]
+    if reference not in set(done["towers"]):
+        raise ValueError(f"reference {reference!r} is not a finished point; points: "
+                         f"{', '.join(sorted(set(done['towers'])))}")  # fmt: skip
+    ref = done[done["towers"] == reference].set_index([*rest, "seed"])[metric]
+    rng = np.random.default_rng(seed)
+    rows = []
+    for key, point in done.groupby(keys, sort=False):
+        key = key if isinstance(key, tuple) else (key,)
+        values = point.set_index([*rest, "seed"])[metric]
+        paired = values.index.intersection(ref.index)
+        diffs = (values.loc[paired] - ref.loc[paired]).to_numpy()
+        low, high = _bootstrap(diffs, rng, n_boot)
+        rows.append({**dict(zip(keys, key, strict=True)), "reference": reference,
+                     "n_pairs": len(diffs), "diff_mean": diffs.mean() if len(diffs) else math.nan,
+                     "ci_low": low, "ci_high": high,
+                     "position": point["position"].mean()})  # fmt: skip
+    out = pd.DataFrame(rows).sort_values([*rest, "position"], kind="stable")
+    return out.reset_index(drop=True)
+
+
+def _bootstrap(diffs: np.ndarray, rng: np.random.Generator, n_boot: int) -> tuple[float, float]:
+    if len(diffs) < 2:
+        return math.nan, math.nan
+    means = rng.choice(diffs, size=(n_boot, len(diffs)), replace=True).mean(axis=1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))

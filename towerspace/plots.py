@@ -1,0 +1,216 @@
+"""Continuum plots: a results DataFrame in, a matplotlib Figure out (the caller saves or shows)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from towerspace import analysis
+
+# Okabe-Ito: distinguishable with the common colour-vision deficiencies
+COLORS = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000")
+AXES = {  # x: (column in summaries/derived tables, axis label, log2 scale)
+    "towers": ("effective_towers", "towers (log2 scale)", True),
+    "group_width": ("group_width", "channels per tower (log2 scale)", True),
+    "position": ("position", "position on the continuum (0 regular, 1 depthwise)", False),
+}
+COSTS = {
+    "params": ("params", "parameters", False),
+    "flops": ("flops", "forward FLOPs per image", False),
+    "throughput": ("images_per_s", "training throughput (images/s)", True),
+}
+
+
+def _title(table: pd.DataFrame, what: str) -> str:
+    exp = ", ".join(sorted(map(str, table["experiment"].dropna().unique()))) or "sweep"
+    data = ", ".join(sorted(map(str, table["data"].dropna().unique()))) if "data" in table else ""
+    return f"{exp}{f' on {data}' if data else ''}: {what}"
+
+
+def _label(key: tuple | str) -> str:
+    return " / ".join(map(str, key)) if isinstance(key, tuple) else str(key)
+
+
+def _x(table: pd.DataFrame, x: str) -> pd.Series:
+    if x not in AXES:
+        raise ValueError(f"x={x!r} is not one of: {', '.join(AXES)}")
+    if x == "group_width":
+        return 2 ** table["log2_group_width"]
+    return table[AXES[x][0]]
+
+
+def _lines(summary: pd.DataFrame):
+    keys = [c for c in analysis.GROUPS if c in summary and summary[c].nunique() > 1]
+    if not keys:
+        yield "all", summary
+        return
+    yield from summary.groupby(keys, sort=False)
+
+
+def _axis(ax, x: str, summary: pd.DataFrame) -> None:
+    ax.set_xlabel(AXES[x][1])
+    if AXES[x][2]:
+        ax.set_xscale("log", base=2)
+    if x == "towers":  # points are named as asked; they sit at the geometric mean over layers
+        ticks = summary.drop_duplicates("towers")
+        ax.set_xticks(ticks["effective_towers"], ticks["towers"], fontsize=8)
+        ax.minorticks_off()
+
+
+def _shade_regimes(ax, summary: pd.DataFrame, x: str) -> None:
+    """Shade the regular and depthwise ends and label the three regimes."""
+    xs = _x(summary, x)
+    for regime, color in (("regular", "#999999"), ("depthwise", "#56B4E9")):
+        at = xs[summary["regime"] == regime]
+        if at.empty:
+            continue
+        lo, hi = at.min(), at.max()
+        pad = (lambda v, s: v * 2**s) if AXES[x][2] else (lambda v, s: v + 0.03 * s)
+        ax.axvspan(pad(lo, -0.3), pad(hi, 0.3), color=color, alpha=0.15, lw=0)
+    for regime in analysis.REGIMES:
+        at = xs[summary["regime"] == regime]
+        if not at.empty:
+            mid = float(np.exp(np.log(at).mean())) if AXES[x][2] else float(at.mean())
+            ax.annotate({"inception": "Inception-style"}.get(regime, regime), (mid, 1.0),
+                        xycoords=("data", "axes fraction"), ha="center", va="bottom",
+                        fontsize=8, color="#555555")  # fmt: skip
+
+
+def continuum(results: pd.DataFrame, x: str = "towers", metric: str = analysis.METRIC) -> Figure:
+    """Accuracy across the continuum: mean over seeds with 95% intervals, seeds as faint dots."""
+    summary = analysis.summarize(results, metric=metric)
+    trials = analysis.derive(results)
+    trials = trials[trials["status"] == "finished"]
+    fig = Figure(figsize=(7.5, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    _shade_regimes(ax, summary, x)
+    for i, (key, line) in enumerate(_lines(summary)):
+        color = COLORS[i % len(COLORS)]
+        xs, mean = _x(line, x), line["mean"]
+        low, high = line["ci_low"].clip(0, 1), line["ci_high"].clip(0, 1)  # accuracy's range
+        err = np.vstack([mean - low, high - mean])
+        ax.errorbar(xs, mean, yerr=np.nan_to_num(err), color=color, marker="o", capsize=3,
+                    label=_label(key))  # fmt: skip
+        keys = [c for c in analysis.GROUPS if c in line and line[c].nunique() == 1]
+        mine = trials.merge(line[keys].drop_duplicates(), on=keys) if keys else trials
+        ax.scatter(_x(mine, x), mine[metric], color=color, alpha=0.45, s=18, lw=0, zorder=3)
+    _axis(ax, x, summary)
+    ax.set_ylabel("validation accuracy (top-1, final epoch)")
+    ax.set_title(_title(results, "accuracy across the tower continuum"), fontsize=10, pad=14)
+    if len(list(_lines(summary))) > 1:
+        fig.legend(loc="outside right upper", fontsize=8, title="order / mid / match")
+    return fig
+
+
+def cost(results: pd.DataFrame, x: str = "towers") -> Figure:
+    """Parameters, FLOPs and measured training throughput across the continuum."""
+    summary = analysis.summarize(results)
+    fig = Figure(figsize=(11, 3.6), layout="constrained")
+    axes = fig.subplots(1, 3)
+    for ax, (column, label, _) in zip(axes, COSTS.values(), strict=True):
+        for i, (key, line) in enumerate(_lines(summary)):
+            ax.plot(_x(line, x), line[column], marker="o", color=COLORS[i % len(COLORS)],
+                    label=_label(key))  # fmt: skip
+        _axis(ax, x, summary)
+        ax.set_ylabel(label)
+        ax.set_ylim(bottom=0)
+    fig.suptitle(_title(results, "cost across the tower continuum (per image)"), fontsize=10)
+    return fig
+
+
+def pareto(results: pd.DataFrame, cost: str = "flops", metric: str = analysis.METRIC) -> Figure:
+    """Accuracy against a cost, each point labelled by towers, the Pareto front marked."""
+    if cost not in COSTS:
+        raise ValueError(f"cost={cost!r} is not one of: {', '.join(COSTS)}")
+    column, label, higher_is_better = COSTS[cost]
+    summary = analysis.summarize(results, metric=metric)
+    fig = Figure(figsize=(6.5, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    ax.scatter(summary[column], summary["mean"], color=COLORS[0], zorder=3)
+    for _, row in summary.iterrows():
+        ax.annotate(str(row["towers"]), (row[column], row["mean"]), xytext=(4, 4),
+                    textcoords="offset points", fontsize=8)  # fmt: skip
+    front = pareto_front(summary, column, higher_is_better)
+    ax.plot(front[column], front["mean"], color=COLORS[3], marker="D", mfc="none", ms=10,
+            label="Pareto front", zorder=2)  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_xlabel(label + (" (higher is better)" if higher_is_better else ""))
+    ax.set_ylabel("validation accuracy (mean over seeds)")
+    ax.legend(loc="best", fontsize=8)
+    ax.set_title(_title(results, f"accuracy against {label}"), fontsize=10)
+    return fig
+
+
+def pareto_front(summary: pd.DataFrame, column: str, higher_is_better: bool) -> pd.DataFrame:
+    """Points no other point beats on both accuracy and cost, sorted by cost."""
+    ordered = summary.sort_values(column, ascending=not higher_is_better)
+    best, keep = -np.inf, []
+    for index, acc in ordered["mean"].items():
+        if acc > best:
+            keep.append(index)
+            best = acc
+    return summary.loc[keep].sort_values(column)
+
+
+def edf(results: pd.DataFrame, by: str = "towers", metric: str = analysis.METRIC) -> Figure:
+    """Empirical distribution of error per group (the RegNet paper's EDF)."""
+    trials = analysis.derive(results)
+    trials = trials[trials["status"] == "finished"]
+    fig = Figure(figsize=(6.5, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    groups = trials.groupby(by, sort=False)
+    order = groups["position"].mean().sort_values().index if by == "towers" else groups.groups
+    for i, name in enumerate(order):
+        errors = np.sort(1.0 - groups.get_group(name)[metric].to_numpy())
+        errors = np.concatenate([errors[:1], errors])  # the EDF rises from 0 at the best model
+        fraction = np.arange(len(errors)) / (len(errors) - 1)
+        ax.step(errors, fraction, where="post", color=COLORS[i % len(COLORS)],
+                label=f"{name} (n={len(errors) - 1})")  # fmt: skip
+    ax.set_xlabel("validation error (1 - top-1 accuracy)")
+    ax.set_ylabel("cumulative fraction of models")
+    ax.set_ylim(0, 1.02)
+    fig.legend(loc="outside right upper", fontsize=8, title=by)
+    ax.set_title(_title(results, f"error EDF by {by}"), fontsize=10)
+    return fig
+
+
+def curves(history: pd.DataFrame, metric: str = "val_acc") -> Figure:
+    """Validation accuracy per epoch, one line per point (mean over seeds)."""
+    fig = Figure(figsize=(6.5, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    means = history.groupby(["towers", "epoch"], sort=False)[metric].mean().reset_index()
+    for i, (towers, line) in enumerate(means.groupby("towers", sort=False)):
+        ax.plot(line["epoch"], line[metric], color=COLORS[i % len(COLORS)], label=str(towers))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation accuracy (top-1, mean over seeds)")
+    fig.legend(loc="outside right upper", fontsize=8, title="towers")
+    ax.set_title("validation accuracy per epoch", fontsize=10)
+    return fig
+
+
+def speed(profile: pd.DataFrame, title: str = "TowerConv2d speed per tower count") -> Figure:
+    """Measured time and achieved FLOP/s against towers (a profile.block_speed table)."""
+    fig = Figure(figsize=(9, 3.6), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    for ax, column, label in ((left, "time_ms", "time per batch (ms, median)"),
+                              (right, "gflops_per_s", "achieved GFLOP/s")):  # fmt: skip
+        ax.plot(profile["towers"], profile[column], marker="o", color=COLORS[0])
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("towers (log2 scale)")
+        ax.set_ylabel(label)
+        ax.set_ylim(bottom=0)
+    fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def save(fig: Figure, stem: Path, formats: Sequence[str] = ("png", "svg")) -> list[Path]:
+    """Write a figure as stem.png and stem.svg (by default); return the paths."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    paths = [stem.with_suffix(f".{fmt}") for fmt in formats]
+    for path in paths:
+        fig.savefig(path, dpi=150)
+    return paths

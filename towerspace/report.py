@@ -1,0 +1,49 @@
+"""A sweep's report: its tables rebuilt from the records, and every plot as PNG and SVG."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from towerspace import analysis, plots, results
+
+PLOTS = "plots"
+
+
+@dataclass(frozen=True)
+class Report:
+    """What a report wrote and found."""
+
+    figures: list[Path]
+    summary: pd.DataFrame
+    warnings: list[str]  # damaged records, trials left out
+
+
+def write_report(sweep_dir: Path) -> Report:
+    """Rebuild the tables of a sweep directory and draw its figures into sweep_dir/plots/."""
+    sweep_dir = Path(sweep_dir)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", results.DamagedRecord)
+        results_path, history_path = results.write_tables(sweep_dir)
+    notes = [str(w.message) for w in caught if issubclass(w.category, results.DamagedRecord)]
+    table, history = pd.read_parquet(results_path), pd.read_parquet(history_path)
+    finished = table[table["status"] == "finished"]
+    left_out = analysis.excluded(table)
+    if left_out:
+        notes.append(f"left out of summaries and plots: {', '.join(left_out)}")
+    if finished.empty:
+        return Report([], pd.DataFrame(), [*notes, "no finished trials: nothing to plot"])
+    figures = {
+        "continuum": plots.continuum(table),
+        "continuum_position": plots.continuum(table, x="position"),
+        "cost": plots.cost(table),
+        "pareto_flops": plots.pareto(table, cost="flops"),
+        "pareto_throughput": plots.pareto(table, cost="throughput"),
+        "edf": plots.edf(table),
+        "curves": plots.curves(history[history["trial_id"].isin(finished["trial_id"])]),
+    }
+    paths = [p for name, fig in figures.items() for p in plots.save(fig, sweep_dir / PLOTS / name)]
+    return Report(paths, analysis.summarize(table), notes)
