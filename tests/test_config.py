@@ -113,11 +113,15 @@ BAD_FILES = [
 
 
 @pytest.mark.parametrize(("old", "new", "message"), BAD_FILES)
-def test_bad_experiment_files(project, old, new, message):
+def test_bad_experiment_files(project, old, new, message, capsys):
     path = _write(project, BASE.replace(old, new))
     with pytest.raises(ConfigError) as err:
         load_experiment(path)
     assert str(err.value) == f"{path}: {message}"
+    before = sorted(project.rglob("*"))
+    assert main(["sweep", str(path), "--storage", "out"]) == 2  # the command, as a user runs it
+    assert capsys.readouterr().err == f"towerspace: error: {path}: {message}\n"
+    assert sorted(project.rglob("*")) == before  # nothing written, nothing started
     assert not (project / "pwned").exists()
 
 

@@ -65,14 +65,15 @@ def test_plot_command_with_a_corrupt_and_a_missing_trial(tiny_sweep, tmp_path, c
     import shutil
 
     sweep = tmp_path / "sweep"
-    shutil.copytree(tiny_sweep.sweep_dir / "records", sweep / "records")
+    shutil.copytree(tiny_sweep.sweep_dir, sweep)
     records = sorted((sweep / "records").glob("*.json"))
     records[0].write_text(records[0].read_text()[:100])  # truncated mid-write
-    records[1].unlink()  # missing
+    records[1].unlink()  # missing: Ray's trial folder says the trial was there
     assert main(["plot", str(sweep)]) == 0
     out, err = capsys.readouterr()
     assert err == (f"towerspace: warning: skipped damaged trial records: {records[0].name} "
-                   f"(JSONDecodeError)\n")  # fmt: skip
+                   f"(JSONDecodeError)\ntowerspace: warning: no record for trials: "
+                   f"{records[1].stem}\n")  # fmt: skip
     assert f"  {sweep / 'plots' / 'continuum.png'}" in out
     assert len(results.load(sweep / "results.parquet")) == 4
     report = write_report(sweep)

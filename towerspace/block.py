@@ -8,10 +8,13 @@ from typing import Literal
 import torch
 from torch import nn
 
+from towerspace.impls import IMPLS, default_chooser, expand_grouped
+
 Order = Literal["spatial_first", "pointwise_first"]
 Mid = Literal["none", "relu", "elu", "bn", "bn_relu"]
 ORDERS: tuple[str, ...] = ("spatial_first", "pointwise_first")
 MIDS: tuple[str, ...] = ("none", "relu", "elu", "bn", "bn_relu")
+IMPL_NAMES: tuple[str, ...] = (*IMPLS, "auto")
 
 
 @dataclass(frozen=True)
@@ -25,7 +28,12 @@ class Complexity:
 
     @property
     def training_flops(self) -> int:
-        """Forward + backward: grad-input and grad-weight each cost one forward (3× forward)."""
+        """Forward + backward: grad-input and grad-weight each cost one forward (3× forward).
+
+        Not torch.utils.flop_counter's backward count: with torch 2.14 its convolution_backward
+        formula ignores `groups`, so a grouped conv's backward is counted `groups` times too
+        high (forward + backward of a 64-channel 3×3 conv: 2× at 4 groups, 22× depthwise).
+        """
         return 3 * self.flops
 
     def __add__(self, other: Complexity) -> Complexity:
@@ -145,8 +153,10 @@ class TowerConv2d(nn.Module):
         mid: Mid = "none",
         padding: int | None = None,
         bias: bool = False,
+        impl: str = "native",
     ) -> None:
         super().__init__()
+        _check_choice("impl", impl, IMPL_NAMES)
         _check_choice("order", order, ORDERS)
         _check_choice("mid", mid, MIDS)
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
@@ -160,6 +170,7 @@ class TowerConv2d(nn.Module):
         self.kernel_size, self.stride, self.dilation = kernel_size, stride, dilation
         self.padding = dilation * (kernel_size - 1) // 2 if padding is None else padding
         self.order, self.mid, self.spatial_channels = order, mid, spatial
+        self.impl = impl  # native | auto (the fastest, measured once) | one of impls.IMPLS
         # only the second conv carries the bias: a bias before zero padding breaks as_conv2d()
         self.spatial = nn.Conv2d(
             spatial,
@@ -187,9 +198,20 @@ class TowerConv2d(nn.Module):
         return regime(self.towers, self.spatial_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        impl = self.impl
+        if impl == "auto":
+            impl = default_chooser().choose(self, x, torch.is_grad_enabled() and self.training)
         if self.order == "spatial_first":
-            return self.pointwise(self.between(self.spatial(x)))
-        return self.spatial(self.between(self.pointwise(x)))
+            return self.pointwise(self.between(self._spatial(x, impl)))
+        return self._spatial(self.between(self.pointwise(x)), impl)
+
+    def _spatial(self, x: torch.Tensor, impl: str) -> torch.Tensor:
+        if impl == "native" or self.towers == 1:
+            return self.spatial(x)
+        args = (self.spatial.weight, self.towers, self.stride, self.padding, self.dilation)
+        out = IMPLS[impl](x, *args)
+        bias = self.spatial.bias
+        return out if bias is None else out + bias.view(1, -1, 1, 1)
 
     def complexity(self, height: int, width: int) -> Complexity:
         """Parameters and FLOPs per image for an input of height × width."""
@@ -218,7 +240,7 @@ class TowerConv2d(nn.Module):
         """The block's composed dense k×k kernel, shape (out, in, k, k); needs mid='none'."""
         if self.mid != "none":
             raise ValueError(f"as_conv2d() needs mid='none' (a linear block), got mid={self.mid!r}")
-        spatial = _expand_grouped(self.spatial.weight, self.towers)  # (C, C, k, k)
+        spatial = expand_grouped(self.spatial.weight, self.towers)  # (C, C, k, k)
         pointwise = self.pointwise.weight[:, :, 0, 0]  # (out, in)
         if self.order == "spatial_first":
             return torch.einsum("oj,jikl->oikl", pointwise, spatial)
@@ -262,13 +284,3 @@ def _mid_module(mid: str, channels: int) -> nn.Module:
     if mid == "bn_relu":
         return nn.Sequential(nn.BatchNorm2d(channels), nn.ReLU())
     return nn.Identity()
-
-
-def _expand_grouped(weight: torch.Tensor, groups: int) -> torch.Tensor:
-    """A grouped kernel (C, C/g, k, k) as the dense (C, C, k, k) one, zero off the blocks."""
-    channels, width = weight.shape[0], weight.shape[1]
-    per_group = channels // groups
-    dense = weight.new_zeros(groups, per_group, groups, width, *weight.shape[2:])
-    index = torch.arange(groups, device=weight.device)
-    dense[index, :, index] = weight.reshape(groups, per_group, width, *weight.shape[2:])
-    return dense.reshape(channels, channels, *weight.shape[2:])

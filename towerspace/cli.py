@@ -1,4 +1,4 @@
-"""`towerspace sweep | plot | blocks | models`: thin commands that parse and delegate."""
+"""`towerspace sweep | plot | profile | blocks | models`: thin commands that delegate."""
 
 from __future__ import annotations
 
@@ -104,6 +104,57 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_profile(args: argparse.Namespace) -> int:
+    """Time the block at every tower count and implementation; table and plot."""
+    import torch
+
+    from towerspace import plots, profile
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.model:
+        return _profile_model(args)
+    towers = [int(t) for t in args.towers.split(",")] if args.towers else None
+    impls = args.impls.split(",") if args.impls else None
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    table = profile.block_speed(
+        args.channels, args.size, batch=args.batch, towers=towers, impls=impls,
+        stride=args.stride, backward=not args.forward_only, channels_last=args.channels_last,
+        dtype=dtype[args.dtype], device=args.device, repeats=args.repeats,
+    )  # fmt: skip
+    roofs = profile.machine_roofs(args.device, dtype[args.dtype])
+    mode = "forward" if args.forward_only else "forward+backward"
+    title = (f"TowerConv2d({args.channels}, {args.channels}) at {args.size}x{args.size}, batch "
+             f"{args.batch}, {mode}, {args.dtype}, {'NHWC' if args.channels_last else 'NCHW'}, "
+             f"{args.device}, {torch.get_num_threads()} threads")  # fmt: skip
+    shown = table.drop(columns=["flops", "bytes"]).round(3)
+    _print_table(shown, title)
+    print(f"machine: dense 3x3 conv {roofs['dense_conv_gflops_per_s']:.1f} GFLOP/s, copy "
+          f"bandwidth {roofs['bandwidth_gb_per_s']:.1f} GB/s")  # fmt: skip
+    out = Path(args.out)
+    table.to_csv(out.with_suffix(".csv"), index=False)
+    paths = plots.save(plots.speed(table, roofs, title=title), out)
+    print("wrote:", out.with_suffix(".csv"), *paths)
+    return 0
+
+
+def _profile_model(args: argparse.Namespace) -> int:
+    from towerspace import profile
+
+    points = tables.parse_points(args.towers or "1,2,4,8,16,depthwise")
+    impl = (args.impls or "native").split(",")[0]
+    table = profile.model_speed(
+        points, size=args.size, batch=args.batch, impl=impl, device=args.device,
+        repeats=args.repeats, width=args.width, middle_blocks=args.middle_blocks,
+        stem="small" if args.size <= 64 else "imagenet", match=args.match,
+    )  # fmt: skip
+    _print_table(table.round(3), f"Xception width {args.width}, {args.middle_blocks} middle "
+                                 f"blocks, {args.size}px, batch {args.batch}, training step, "
+                                 f"impl={impl}, match={args.match}")  # fmt: skip
+    table.to_csv(Path(args.out).with_suffix(".csv"), index=False)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The towerspace command line."""
     parser = _Parser(prog="towerspace", description=__doc__)
@@ -141,6 +192,38 @@ def build_parser() -> argparse.ArgumentParser:
     plot = sub.add_parser("plot", help="rebuild a sweep's tables and draw its figures")
     plot.add_argument("results_dir", help="a sweep's folder, e.g. runs/digits_continuum")
     plot.set_defaults(func=cmd_plot)
+
+    prof = sub.add_parser("profile", help="time the block at every tower count and impl")
+    prof.add_argument("--channels", type=_positive_int, default=256)
+    prof.add_argument("--size", type=_positive_int, default=16, help="input height = width")
+    prof.add_argument("--batch", type=_positive_int, default=32)
+    prof.add_argument("--stride", type=_positive_int, default=1)
+    prof.add_argument(
+        "--towers",
+        default=None,
+        help="comma list (default: every divisor; with --model 1,2,4,8,16,depthwise)",
+    )
+    prof.add_argument(
+        "--impls",
+        default=None,
+        help="comma list of implementations (default: the candidates per count)",
+    )
+    prof.add_argument("--forward-only", action="store_true", help="time inference only")
+    prof.add_argument("--channels-last", action="store_true", help="NHWC inputs and weights")
+    prof.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    prof.add_argument("--device", default="cpu")
+    prof.add_argument("--threads", type=_positive_int, default=None)
+    prof.add_argument("--repeats", type=_positive_int, default=5)
+    prof.add_argument("--out", default="profile", help="output stem for .csv, .png and .svg")
+    prof.add_argument(
+        "--model",
+        action="store_true",
+        help="time whole Xception training steps per tower spec instead",
+    )
+    prof.add_argument("--width", type=float, default=0.25, help="--model: width multiplier")
+    prof.add_argument("--middle-blocks", type=int, default=2, help="--model: middle blocks")
+    prof.add_argument("--match", choices=MATCHES, default="params", help="--model: budget")
+    prof.set_defaults(func=cmd_profile)
 
     blocks = sub.add_parser("blocks", help="one layer's cost at every valid tower count")
     blocks.add_argument("--channels", type=_positive_int, default=728, help="input channels (728)")

@@ -192,17 +192,39 @@ def curves(history: pd.DataFrame, metric: str = "val_acc") -> Figure:
     return fig
 
 
-def speed(profile: pd.DataFrame, title: str = "TowerConv2d speed per tower count") -> Figure:
-    """Measured time and achieved FLOP/s against towers (a profile.block_speed table)."""
-    fig = Figure(figsize=(9, 3.6), layout="constrained")
+def speed(
+    profile: pd.DataFrame,
+    roofs: dict[str, float] | None = None,
+    title: str = "TowerConv2d time and achieved FLOP/s per tower count",
+) -> Figure:
+    """Time and achieved FLOP/s against towers, one line per implementation (profile tables).
+
+    With roofs (profile.machine_roofs), the right panel draws the machine's measured dense-conv
+    FLOP/s and the bandwidth roof: copy bandwidth × the layer's arithmetic intensity.
+    """
+    fig = Figure(figsize=(11, 4), layout="constrained")
     left, right = fig.subplots(1, 2)
-    for ax, column, label in ((left, "time_ms", "time per batch (ms, median)"),
-                              (right, "gflops_per_s", "achieved GFLOP/s")):  # fmt: skip
-        ax.plot(profile["towers"], profile[column], marker="o", color=COLORS[0])
+    for i, (impl, rows) in enumerate(profile.groupby("impl", sort=False)):
+        rows = rows.sort_values("towers")
+        for ax, column in ((left, "time_ms"), (right, "gflops_per_s")):
+            ax.plot(rows["towers"], rows[column], marker="o", color=COLORS[i % len(COLORS)],
+                    label=impl)  # fmt: skip
+    if roofs:
+        right.axhline(roofs["dense_conv_gflops_per_s"], color="#555555", ls="--",
+                      label="dense conv (measured)")  # fmt: skip
+        if "bytes" in profile:
+            rows = profile.drop_duplicates("towers").sort_values("towers")
+            roof = roofs["bandwidth_gb_per_s"] * rows["flops"] / rows["bytes"]
+            right.plot(rows["towers"], roof, color="#555555", ls=":", label="bandwidth roof")
+    for ax, label in ((left, "time per batch (ms, median)"), (right, "achieved GFLOP/s")):
         ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
         ax.set_xlabel("towers (log2 scale)")
         ax.set_ylabel(label)
-        ax.set_ylim(bottom=0)
+    fig.legend(*left.get_legend_handles_labels(), loc="outside right upper", fontsize=8,
+               title="implementation")  # fmt: skip
+    if roofs:
+        right.legend(loc="lower left", fontsize=7)
     fig.suptitle(title, fontsize=10)
     return fig
 

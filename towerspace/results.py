@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -51,10 +52,23 @@ def read_records(sweep_dir: Path) -> list[dict[str, Any]]:
             records.append(read_record(path))
         except (OSError, ValueError) as err:
             damaged.append(f"{path.name} ({type(err).__name__})")
+    missing = sorted(trial_folders(sweep_dir) - {r["trial_id"] for r in records} -
+                     {d.split(".json")[0] for d in damaged})  # fmt: skip
     if damaged:
         warnings.warn(f"skipped damaged trial records: {', '.join(damaged)}", DamagedRecord,
                       stacklevel=2)  # fmt: skip
+    if missing:
+        warnings.warn(f"no record for trials: {', '.join(missing)}", DamagedRecord, stacklevel=2)
     return records
+
+
+TRIAL_FOLDER = re.compile(r"^run_trial_([0-9a-f]+_\d{5})_")  # Ray's folder per trial
+
+
+def trial_folders(sweep_dir: Path) -> set[str]:
+    """Trial ids of the trial folders Ray made in a sweep directory."""
+    found = (TRIAL_FOLDER.match(p.name) for p in Path(sweep_dir).iterdir() if p.is_dir())
+    return {m.group(1) for m in found if m}
 
 
 def _row(record: dict[str, Any]) -> dict[str, Any]:

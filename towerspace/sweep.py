@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import shutil
@@ -132,10 +133,16 @@ def run_trial(config: dict[str, Any], *, base: ExperimentConfig, records: str, o
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             trial.load_checkpoint(Path(directory))
-    for metrics in trial.epochs():
-        with tempfile.TemporaryDirectory() as directory:
-            trial.save_checkpoint(Path(directory))
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
+    try:
+        for metrics in trial.epochs():
+            with tempfile.TemporaryDirectory() as directory:
+                trial.save_checkpoint(Path(directory))
+                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
+    finally:  # workers are reused across trials: leave nothing behind for the next one
+        del trial
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def init_ray(address: str | None) -> None:
@@ -210,6 +217,7 @@ def run_sweep(
             search_alg=searcher(cfg.space, cfg.seeds),
             scheduler=scheduler(cfg),
             num_samples=cfg.space.num_samples * repeats,
+            reuse_actors=True,  # a new trial skips process start-up, torch import, data load
         ),
         run_config=tune.RunConfig(
             name=cfg.name,

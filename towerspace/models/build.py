@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import nn
 
-from towerspace.block import MIDS, ORDERS
+from towerspace.block import IMPL_NAMES, MIDS, ORDERS
 from towerspace.budget import MATCHES
 from towerspace.models.xception import STEMS, xception
 from towerspace.towers import SNAPS
@@ -33,6 +33,7 @@ class ModelConfig:
     reference: Any = "depthwise"  # tower spec whose cost a matched model matches
     dropout: float = field(default=0.0, metadata={"min": 0.0, "max": 0.95})  # before classifier
     channel_divisor: int | None = field(default=None, metadata={"min": 1})  # None: see xception()
+    impl: str = field(default="native", metadata={"choices": IMPL_NAMES})  # auto: fastest, measured
 
 
 def build_model(cfg: ModelConfig, *, in_chans: int, num_classes: int, image_size: int) -> nn.Module:
@@ -55,4 +56,5 @@ def build_model(cfg: ModelConfig, *, in_chans: int, num_classes: int, image_size
         reference=cfg.reference,
         input_size=image_size,
         channel_divisor=cfg.channel_divisor,
+        impl=cfg.impl,
     )

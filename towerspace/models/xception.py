@@ -86,14 +86,16 @@ def _conv_complexity(c_in: int, c_out: int, k: int, stride: int, pad: int, h: in
 class SeparableBlock(nn.Module):
     """Separable convs (ReLU → TowerConv2d → BN), a residual shortcut, optional max-pool."""
 
-    def __init__(self, block: BlockPlan, towers: list[int], order: str, mid: str) -> None:
+    def __init__(
+        self, block: BlockPlan, towers: list[int], order: str, mid: str, impl: str = "native"
+    ) -> None:
         super().__init__()
         self.relu_first, self.relu_after, self.residual = (
             block.relu_first, block.relu_after, block.residual
         )  # fmt: skip
         ins = (block.in_channels, *block.channels[:-1])
         self.convs = nn.ModuleList(
-            TowerConv2d(i, o, 3, towers=t, order=order, mid=mid)
+            TowerConv2d(i, o, 3, towers=t, order=order, mid=mid, impl=impl)
             for i, o, t in zip(ins, block.channels, towers, strict=True)
         )
         self.norms = nn.ModuleList(_bn(o) for o in block.channels)
@@ -177,6 +179,7 @@ class Xception(nn.Module):
         order: str = "spatial_first",
         mid: str = "none",
         dropout: float = 0.0,
+        impl: str = "native",
     ) -> None:
         super().__init__()
         if stem not in STEMS:
@@ -197,7 +200,7 @@ class Xception(nn.Module):
         self.entry, self.middle, self.exit = nn.ModuleDict(), nn.ModuleDict(), nn.ModuleDict()
         for block in plan(c, middle_blocks):
             towers = block.towers(schedule, order)
-            getattr(self, block.flow)[block.name] = SeparableBlock(block, towers, order, mid)
+            getattr(self, block.flow)[block.name] = SeparableBlock(block, towers, order, mid, impl)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.fc = nn.Linear(c["c2048"], num_classes)
         self.budget: dict[str, float | int | str] | None = None  # set by xception(match=...)
@@ -239,6 +242,7 @@ def xception(
     reference: TowerSpecLike = "depthwise",
     input_size: int | None = None,
     channel_divisor: int | None = None,
+    impl: str = "native",
 ) -> Xception:
     """Xception at any point of the tower continuum, optionally budget-matched to a reference.
 
@@ -246,6 +250,7 @@ def xception(
     `reference` tower spec costs at the same width (within ±2%); model.budget reports the solve.
     Channels round to channel_divisor: 8 by default, or with matching the least common multiple
     of the tower counts and group widths the schedule asks for (fine steps make ±2% reachable).
+    impl='auto' runs each separable conv with its fastest implementation (towerspace.impls).
     """
     if match not in MATCHES:
         raise ValueError(f"match={match!r} is not one of: {', '.join(MATCHES)}")
@@ -259,7 +264,7 @@ def xception(
           "stem": stem, "order": order, "mid": mid, "dropout": dropout}  # fmt: skip
     base_channels = round_channels(GROUPS, width, channel_divisor or 8)
     if match == "none":
-        model = Xception(channels=base_channels, schedule=schedule, **kw)
+        model = Xception(channels=base_channels, schedule=schedule, impl=impl, **kw)
         _check_overrides(model, schedule)
         return model
     reference_schedule = TowerSchedule.build(reference, snap="nearest")
@@ -273,7 +278,7 @@ def xception(
     solved = match_channels(cost, GROUPS, target, metric=match, divisor=divisor)
     if reference_schedule == schedule and channel_divisor in (None, 8):
         solved = Match(match, width, base_channels, target, target)
-    model = Xception(channels=solved.channels, schedule=schedule, **kw)
+    model = Xception(channels=solved.channels, schedule=schedule, impl=impl, **kw)
     _check_overrides(model, schedule)
     model.budget = solved.as_dict()
     return model

@@ -1,0 +1,105 @@
+"""Every implementation of the grouped convolution equals the native one; the chooser caches."""
+
+import json
+
+import pytest
+import torch
+
+from towerspace import TowerConv2d
+from towerspace.block import divisors
+from towerspace.impls import IMPLS, Chooser, candidates, signature
+
+
+def _pair(c_in, c_out, towers, order, impl, stride):
+    torch.manual_seed(towers)
+    ref = TowerConv2d(c_in, c_out, towers=towers, order=order, stride=stride, bias=True).double()
+    other = TowerConv2d(c_in, c_out, towers=towers, order=order, stride=stride, bias=True,
+                        impl=impl).double()  # fmt: skip
+    torch.nn.init.normal_(ref.bias)
+    other.load_state_dict(ref.state_dict())
+    return ref, other
+
+
+@pytest.mark.parametrize("impl", sorted(IMPLS))
+@pytest.mark.parametrize("order", ["spatial_first", "pointwise_first"])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_outputs_and_gradients_match_native_at_every_tower_count(impl, order, stride):
+    for towers in divisors(12):
+        ref, other = _pair(12, 12, towers, order, impl, stride)
+        x = torch.randn(2, 12, 9, 9, dtype=torch.float64, requires_grad=True)
+        x2 = x.detach().clone().requires_grad_()
+        y, y2 = ref(x), other(x2)
+        torch.testing.assert_close(y2, y, rtol=1e-10, atol=1e-10)
+        grad = torch.randn_like(y)
+        y.backward(grad)
+        y2.backward(grad)
+        torch.testing.assert_close(x2.grad, x.grad, rtol=1e-10, atol=1e-10)
+        for (name, p), p2 in zip(ref.named_parameters(), other.parameters(), strict=True):
+            torch.testing.assert_close(p2.grad, p.grad, rtol=1e-10, atol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("impl", sorted(IMPLS))
+def test_float32_channels_last_inputs(impl):
+    ref, other = _pair(16, 16, 4, "spatial_first", impl, 1)
+    ref, other = ref.float(), other.float()
+    x = torch.randn(4, 16, 8, 8).contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(other(x), ref(x), rtol=1e-4, atol=1e-5)
+
+
+def test_candidates_skip_what_cannot_win():
+    assert candidates(256, 1) == ["native", "channels_last"]
+    assert candidates(256, 4) == ["native", "channels_last", "dense", "per_tower", "unfold_bmm"]
+    assert candidates(256, 128) == ["native", "channels_last", "depthwise_sum", "unfold_bmm"]
+    assert candidates(256, 256) == ["native", "channels_last", "unfold_bmm"]
+
+
+def test_auto_measures_once_per_signature_and_reuses_the_choice(tmp_path):
+    chooser = Chooser(tmp_path / "choices.json", repeats=1)
+    block, x = TowerConv2d(16, 16, towers=4, impl="auto"), torch.randn(2, 16, 8, 8)
+    first = chooser.choose(block, x, training=True)
+    assert first in candidates(16, 4) and chooser.measured == 1
+    assert chooser.choose(block, x, training=True) == first and chooser.measured == 1
+    chooser.choose(block, x, training=False)  # inference is another signature
+    assert chooser.measured == 2
+    assert all(p.grad is None for p in block.parameters())  # timing used copies
+    saved = json.loads((tmp_path / "choices.json").read_text())
+    key = signature(block, x, True)
+    assert key == "cpu|float32|nchw|train|2x16x8x8|16>16|k3|s1|d1|t4|spatial_first|none"
+    assert saved[key] == first
+    again = Chooser(tmp_path / "choices.json")  # another process reads the file: no timing
+    assert again.choose(block, x, training=True) == first and again.measured == 0
+
+
+def test_auto_block_trains_like_native(monkeypatch, tmp_path):
+    from towerspace import impls
+
+    monkeypatch.setattr(impls, "_DEFAULT", [Chooser(tmp_path / "c.json", repeats=1)])
+    ref, auto = _pair(8, 8, 2, "spatial_first", "auto", 1)
+    x = torch.randn(2, 8, 6, 6, dtype=torch.float64)
+    torch.testing.assert_close(auto(x), ref(x))
+    assert impls.default_chooser().measured == 1
+
+
+def test_unknown_impl_is_refused():
+    with pytest.raises(ValueError) as err:
+        TowerConv2d(8, 8, impl="fast")
+    assert str(err.value) == (
+        "impl='fast' is not one of: native, channels_last, dense, per_tower, depthwise_sum, "
+        "unfold_bmm, auto"
+    )
+
+
+def test_xception_with_auto_impl_matches_native(monkeypatch, tmp_path):
+    from towerspace import impls
+    from towerspace.models import xception
+
+    monkeypatch.setattr(impls, "_DEFAULT", [Chooser(tmp_path / "c.json", repeats=1)])
+    kw = {"width": 0.125, "middle_blocks": 1, "stem": "small", "num_classes": 3, "towers": 4}
+    torch.manual_seed(0)
+    native = xception(**kw).double()
+    auto = xception(impl="auto", **kw).double()
+    auto.load_state_dict(native.state_dict())
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    torch.testing.assert_close(auto(x), native(x))
+    sites = {m.impl for m in auto.modules() if isinstance(m, TowerConv2d)}
+    assert sites == {"auto"} and impls.default_chooser().measured >= 1

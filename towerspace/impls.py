@@ -1,0 +1,182 @@
+"""Ways to compute a grouped k×k convolution; each equals F.conv2d(x, w, groups=g)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+Conv = Callable[[Tensor, Tensor, int, int, int, int], Tensor]  # x, weight, groups, stride, pad, dil
+
+
+def native(x: Tensor, w: Tensor, groups: int, stride: int, padding: int, dilation: int) -> Tensor:
+    """PyTorch's grouped convolution on the input as it comes."""
+    return F.conv2d(x, w, None, stride, padding, dilation, groups)
+
+
+def channels_last(x: Tensor, w: Tensor, groups: int, stride: int, padding: int, dilation: int):
+    """The native convolution in NHWC, where depthwise and grouped kernels are often faster."""
+    x = x.contiguous(memory_format=torch.channels_last)
+    w = w.contiguous(memory_format=torch.channels_last)
+    return F.conv2d(x, w, None, stride, padding, dilation, groups)
+
+
+def dense(x: Tensor, w: Tensor, groups: int, stride: int, padding: int, dilation: int) -> Tensor:
+    """One dense convolution with a block-diagonal kernel: g× the FLOPs, the fastest kernels."""
+    return F.conv2d(x, expand_grouped(w, groups), None, stride, padding, dilation)
+
+
+def per_tower(x: Tensor, w: Tensor, groups: int, stride: int, padding: int, dilation: int):
+    """One dense convolution per tower, concatenated (few, wide towers)."""
+    xs, ws = x.chunk(groups, dim=1), w.chunk(groups, dim=0)
+    outs = [F.conv2d(a, b, None, stride, padding, dilation) for a, b in zip(xs, ws, strict=True)]
+    return torch.cat(outs, dim=1)
+
+
+def depthwise_sum(x: Tensor, w: Tensor, groups: int, stride: int, padding: int, dilation: int):
+    """A sum of group-width depthwise convolutions over gathered inputs (narrow towers).
+
+    Output channel o of tower t reads input channel t·w + j through kernel w[o, j]; for each j,
+    gathering those inputs lines them up with their outputs, and a depthwise conv does the rest.
+    """
+    c_out, width = w.shape[0], w.shape[1]
+    per_group = c_out // groups
+    tower = torch.arange(c_out, device=x.device) // per_group
+    out = None
+    for j in range(width):
+        gathered = x.index_select(1, tower * width + j)
+        y = F.conv2d(gathered, w[:, j : j + 1], None, stride, padding, dilation, c_out)
+        out = y if out is None else out + y
+    return out
+
+
+def unfold_bmm(x: Tensor, w: Tensor, groups: int, stride: int, padding: int, dilation: int):
+    """im2col and one batched matrix product per tower."""
+    n, _, h, wd = x.shape
+    c_out, width, k = w.shape[0], w.shape[1], w.shape[2]
+    cols = F.unfold(x, k, dilation=dilation, padding=padding, stride=stride)  # (n, c·k², L)
+    out_h = (h + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+    out_w = (wd + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+    cols = cols.view(n, groups, width * k * k, out_h * out_w)
+    kernel = w.view(groups, c_out // groups, width * k * k)
+    out = torch.einsum("gok,ngkl->ngol", kernel, cols)
+    return out.reshape(n, c_out, out_h, out_w)
+
+
+def expand_grouped(weight: Tensor, groups: int) -> Tensor:
+    """A grouped kernel (C, C/g, k, k) as the dense (C, C, k, k) one, zero off the blocks."""
+    channels, width = weight.shape[0], weight.shape[1]
+    per_group = channels // groups
+    dense_w = weight.new_zeros(groups, per_group, groups, width, *weight.shape[2:])
+    index = torch.arange(groups, device=weight.device)
+    dense_w[index, :, index] = weight.reshape(groups, per_group, width, *weight.shape[2:])
+    return dense_w.reshape(channels, groups * width, *weight.shape[2:])
+
+
+IMPLS: dict[str, Conv] = {
+    "native": native,
+    "channels_last": channels_last,
+    "dense": dense,
+    "per_tower": per_tower,
+    "depthwise_sum": depthwise_sum,
+    "unfold_bmm": unfold_bmm,
+}
+
+
+def candidates(channels: int, groups: int) -> list[str]:
+    """The implementations worth timing for a shape: skip the ones that cannot win."""
+    width = channels // groups
+    names = ["native", "channels_last"]
+    if groups <= 8 and groups > 1:
+        names += ["dense", "per_tower"]
+    if 1 < width <= 8:
+        names.append("depthwise_sum")
+    if groups > 1:
+        names.append("unfold_bmm")
+    return names
+
+
+def signature(block: nn.Module, x: Tensor, training: bool) -> str:
+    """What the fastest implementation depends on: the block, input shape, layout, dtype, mode."""
+    nhwc = x.is_contiguous(memory_format=torch.channels_last) and x.shape[1] > 1
+    return (f"{x.device.type}|{str(x.dtype).removeprefix('torch.')}|{'nhwc' if nhwc else 'nchw'}|"
+            f"{'train' if training else 'eval'}|{'x'.join(map(str, x.shape))}|"
+            f"{block.in_channels}>{block.out_channels}|k{block.kernel_size}|s{block.stride}|"
+            f"d{block.dilation}|t{block.towers}|{block.order}|{block.mid}")  # fmt: skip
+
+
+def time_block(block: nn.Module, x: Tensor, training: bool, repeats: int = 3) -> dict[str, float]:
+    """Best time of the whole block (forward, + backward when training) per candidate impl.
+
+    The whole block, not the grouped conv alone: an implementation's output layout also speeds
+    up or slows down the 1×1 convolution after it. Copies are timed, so the block's gradients
+    and BatchNorm statistics stay untouched.
+    """
+    x = x.detach().clone().requires_grad_(training)
+    copies = {}
+    for name in candidates(block.spatial_channels, block.towers):
+        copies[name] = copy.deepcopy(block)
+        copies[name].impl = name
+    best = dict.fromkeys(copies, float("inf"))
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    for _ in range(repeats + 1):  # the first round warms up, then rounds interleave
+        for name, clone in copies.items():
+            sync()
+            start = time.perf_counter()
+            with torch.enable_grad() if training else torch.no_grad():
+                out = clone(x)
+                if training:
+                    out.backward(torch.ones_like(out))
+            sync()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
+class Chooser:
+    """Remembers the fastest implementation per signature, timing each signature once.
+
+    Choices live in memory and, given a path, in a JSON file that later processes reuse (so a
+    sweep's trials share them, and reruns choose alike).
+    """
+
+    def __init__(self, path: str | Path | None = None, repeats: int = 3) -> None:
+        self.path = Path(path) if path else None
+        self.repeats = repeats
+        self.choices: dict[str, str] = {}
+        self.measured = 0  # how many signatures this chooser timed itself
+        if self.path and self.path.is_file():
+            self.choices.update(json.loads(self.path.read_text()))
+
+    def choose(self, block: nn.Module, x: Tensor, training: bool) -> str:
+        """The fastest implementation for this block and input (timed on first sight)."""
+        key = signature(block, x, training)
+        if key not in self.choices:
+            times = time_block(block, x, training, self.repeats)
+            self.choices[key] = min(times, key=times.get)
+            self.measured += 1
+            if self.path:
+                self._save()
+        return self.choices[key]
+
+    def _save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.choices, indent=1, sort_keys=True))
+        os.replace(tmp, self.path)
+
+
+_DEFAULT: list[Chooser] = []  # created on first use, so importing towerspace measures nothing
+
+
+def default_chooser() -> Chooser:
+    """The process's chooser; TOWERSPACE_IMPL_CACHE names a JSON file that keeps its choices."""
+    if not _DEFAULT:
+        _DEFAULT.append(Chooser(os.environ.get("TOWERSPACE_IMPL_CACHE")))
+    return _DEFAULT[0]
