@@ -1,12 +1,22 @@
 """Experiment and search-space files: every shipped file validates; mistakes get one exact line."""
 
+import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from towerspace.cli import main
-from towerspace.config import ConfigError, apply, from_dict, load_experiment, to_dict
+from towerspace.config import (
+    ConfigError,
+    Domain,
+    apply,
+    from_dict,
+    load_experiment,
+    load_space,
+    to_dict,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 EXPERIMENTS = sorted((REPO / "experiments").glob("*.yaml"))
@@ -38,8 +48,16 @@ def _write(project, text, name="x"):
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.stem)
 def test_every_shipped_experiment_validates(path):
     cfg = load_experiment(path)
-    assert cfg.name == path.stem and cfg.space.params
+    assert cfg.name == path.stem and cfg.space.params and cfg.source == str(path)
     assert from_dict(to_dict(cfg)) == cfg
+    assert from_dict(json.loads(json.dumps(to_dict(cfg)))) == cfg  # as shipped to Ray workers
+
+
+def test_every_shipped_space_loads_on_its_own():
+    for path in sorted((REPO / "search_spaces").glob("*.yaml")):
+        space = load_space(path.stem, [REPO / "search_spaces"])
+        assert space.name == path.stem and space.description and space.params
+        assert load_space(str(path), []) == space  # a .yaml path is taken as is
 
 
 def test_every_shipped_space_is_used_and_loads():
@@ -62,6 +80,29 @@ def test_overrides_parse_as_yaml(project):
     assert cfg.model.overrides == {"middle": "depthwise"} and cfg.space.num_samples == 2
 
 
+def test_scheduler_shorthand_and_float_text(project):
+    text = BASE.replace("epochs: 1", "epochs: 4, lr: 1e-3") + "scheduler: asha\n"
+    cfg = load_experiment(_write(project, text), ["scheduler.grace_period=2"])
+    assert (cfg.scheduler.name, cfg.scheduler.grace_period) == ("asha", 2)
+    assert cfg.train.lr == 0.001  # YAML 1.1 reads 1e-3 as text; a float field takes it
+    cfg = load_experiment(_write(project, BASE), ["scheduler=asha", "train.weight_decay=5e-4"])
+    assert cfg.scheduler.name == "asha" and cfg.train.weight_decay == 5e-4
+
+
+def test_space_overrides_keep_dotted_keys_whole(project):
+    sets = ["space=per_flow", "space.params.model.overrides.middle.block1={choice: [1, 4]}"]
+    cfg = load_experiment(_write(project, BASE), sets)
+    assert cfg.space.params["model.overrides.middle.block1"] == Domain("choice", (1, 4))
+    assert cfg.space.searcher == "optuna" and len(cfg.space.params) == 4
+
+
+def test_loading_writes_nothing(project):
+    path = _write(project, BASE)
+    before = sorted(project.rglob("*"))
+    load_experiment(path, ["train.epochs=2"])
+    assert sorted(project.rglob("*")) == before
+
+
 def test_apply_sets_a_trials_point_and_validates(project):
     cfg = load_experiment(_write(project, BASE))
     trial = apply(cfg, {"model.towers": 4, "model.overrides.exit": 1, "train.lr": 0.2})
@@ -71,8 +112,26 @@ def test_apply_sets_a_trials_point_and_validates(project):
         apply(cfg, {"model.towers": 0})
 
 
+def test_apply_takes_dotted_site_prefixes_and_numpy_scalars(project):
+    cfg = load_experiment(_write(project, BASE))
+    trial = apply(cfg, {"model.overrides.middle.block1": 2, "model.layer_seed": np.int64(7),
+                        "train.lr": np.float64(0.5)})  # fmt: skip
+    assert trial.model.overrides == {"middle.block1": 2}
+    assert trial.model.layer_seed == 7 and type(trial.model.layer_seed) is int
+    assert trial.train.lr == 0.5 and type(trial.train.lr) is float
+    assert from_dict(to_dict(trial)) == trial
+    with pytest.raises(ConfigError) as err:
+        apply(cfg, {"train.epoch": 2})
+    assert str(err.value) == "experiments/x.yaml: train.epoch: unknown field; did you mean " \
+        "'train.epochs'?"  # fmt: skip
+
+
 BAD_FILES = [
     ("epochs: 1", "epoch: 1", "train.epoch: unknown field; did you mean 'epochs'? (allowed: amp, "
+     "batch_size, channels_last, decay_epochs, deterministic, device, epochs, eval_batch_size, "
+     "gamma, label_smoothing, lr, max_steps, momentum, nesterov, optimizer, schedule, "
+     "warmup_epochs, weight_decay)"),
+    ("epochs: 1", "epochs: 1, colour: red", "train.colour: unknown field (allowed: amp, "
      "batch_size, channels_last, decay_epochs, deterministic, device, epochs, eval_batch_size, "
      "gamma, label_smoothing, lr, max_steps, momentum, nesterov, optimizer, schedule, "
      "warmup_epochs, weight_decay)"),
@@ -84,6 +143,12 @@ BAD_FILES = [
     ("seeds: [0]", "seeds: [0",
      "not valid YAML (line 6, column 6): expected ',' or ']', but got ':'"),
     ("seeds: [0]", "seeds: []", "seeds: needs at least one seed"),
+    ("epochs: 1", "epochs: null", "train.epochs: expected an integer, got null"),
+    ("epochs: 1", "epochs: 1, max_steps: null, lr: 0.1x",
+     "train.lr: expected a number, got '0.1x'"),
+    ("space: continuum\n", "", "space: missing (required)"),
+    ("seeds: [0]", "seeds: [0]\nscheduler: hyperband",
+     "scheduler.name: 'hyperband' is not allowed (allowed: fifo, asha)"),
     ("seeds: [0]", "seeds: [1, 1]", "seeds: [1, 1] repeats a seed"),
     ("name: t\n", "", "name: missing (required)"),
     ("name: t", "name: my sweep",
@@ -174,6 +239,63 @@ def test_bad_overrides(project, sets, message):
     with pytest.raises(ConfigError) as err:
         load_experiment(path, [sets])
     assert str(err.value) == message
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("- name: t\n", "expected a mapping of fields at the top, got a list"),
+        ("", "expected a mapping of fields at the top, got an empty file"),
+        ("just text\n", "expected a mapping of fields at the top, got 'just text'"),
+    ],
+)  # fmt: skip
+def test_top_level_must_be_a_mapping(project, text, message):
+    path = _write(project, text)
+    with pytest.raises(ConfigError) as err:
+        load_experiment(path)
+    assert str(err.value) == f"{path}: {message}"
+
+
+@pytest.mark.parametrize(
+    ("space", "message", "alone"),
+    [
+        ("train.epochs: {uniform: [1, 10]}", "params.train.epochs: uniform draws real numbers, "
+         "but train.epochs takes integers; use choice", True),
+        ("train.lr: {loguniform: [0, 1]}",
+         "params.train.lr: loguniform needs [low, high] with 0 < low < high, got [0, 1]", True),
+        ("model.layer_seed: {randint: [0, 1.5]}", "params.model.layer_seed: randint needs "
+         "[low, high] with integers low < high, got [0, 1.5]", True),
+        ("model.overrides.exit: {choice: [1, dense]}", "params.model.overrides.exit: 'dense': "
+         "towers must be an int >= 1, 'regular' or 'depthwise', got 'dense'", True),
+        ("model.middle_blocks: {randint: [0, 100]}",  # Ray's randint excludes 100
+         "params.model.middle_blocks: 99 is out of range; allowed: 0 to 64", False),
+        ("model.dropout: {uniform: [0, 1]}",
+         "params.model.dropout: 1 is out of range; allowed: 0 to 0.95", False),
+    ],
+)  # fmt: skip
+def test_bad_sampled_spaces(project, space, message, alone):
+    (project / "search_spaces/bad.yaml").write_text(f"searcher: random\nparams:\n  {space}\n")
+    path = _write(project, BASE.replace("space: continuum", "space: bad"))
+    with pytest.raises(ConfigError) as err:
+        load_experiment(path)
+    assert str(err.value) == f"search_spaces/bad.yaml: {message}"
+    if alone:  # what the space file alone can tell, it tells with the same words
+        with pytest.raises(ConfigError) as err:
+            load_space("bad", ["search_spaces"])
+        assert str(err.value) == f"search_spaces/bad.yaml: {message}"
+    else:  # ranges are checked against the experiment's fields
+        assert load_space("bad", ["search_spaces"]).params
+
+
+def test_load_space_names_what_is_available(project):
+    with pytest.raises(ConfigError) as err:
+        load_space("group_widht", ["search_spaces"])
+    assert str(err.value) == (
+        "space: no search space 'group_widht'; did you mean 'group_width'? (available: "
+        "continuum, group_width, inception_points, layerwise_random, order_x_mid, per_flow)"
+    )
+    with pytest.raises(ConfigError, match=r"^elsewhere/none.yaml: no such file$"):
+        load_space("elsewhere/none.yaml", ["search_spaces"])
 
 
 def test_missing_file(project):

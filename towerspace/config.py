@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import numbers
 import re
 import types
 import typing
@@ -22,8 +23,13 @@ from towerspace.train import TrainConfig
 
 SEARCHERS = ("grid", "random", "optuna")
 DOMAIN_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
-TOWER_FIELDS = ("model.towers", "model.reference")  # and every model.overrides.<prefix>
+RANGE_KINDS = ("uniform", "loguniform", "randint")  # values are (low, high); randint: high excluded
+OVERRIDES = "model.overrides."  # a tower override's site prefix may itself hold dots
+SPACE_PARAMS = "space.params."  # so may a space parameter's key
+# what a trial's point never sets
+NOT_SPACE_PARAMS = ("name", "space", "seeds", "source", "retries", "faults")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]+$")
+FLOAT_TEXT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")  # 1e-3: a str to PyYAML
 
 
 class ConfigError(ValueError):
@@ -34,17 +40,30 @@ class ConfigError(ValueError):
 class ResourcesConfig:
     """What one trial takes from the Ray cluster."""
 
-    cpus: float = field(default=1.0, metadata={"gt": 0.0})  # also the trial's torch threads
+    cpus: float = field(default=1.0, metadata={"gt": 0.0})  # also its torch threads, rounded up
     gpus: float = field(default=0.0, metadata={"min": 0.0})  # fractions pack trials on a GPU
 
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    """Trial scheduling: every trial to the end (fifo) or ASHA early stopping."""
+    """Trial scheduling: every trial to the end (fifo) or ASHA early stopping.
+
+    A file may write `scheduler: asha` for `scheduler: {name: asha}`.
+    """
 
     name: str = field(default="fifo", metadata={"choices": ("fifo", "asha")})
     grace_period: int = field(default=1, metadata={"min": 1})  # asha: epochs before a stop
     reduction_factor: int = field(default=2, metadata={"min": 2})  # asha: keep 1/this per rung
+
+
+@dataclass(frozen=True)
+class FaultConfig:
+    """For testing a sweep's fault handling: make chosen trials fail on purpose (off: no kind)."""
+
+    kind: str | None = field(default=None, metadata={"choices": ("raise", "diverge")})
+    epoch: int = field(default=1, metadata={"min": 1})  # the epoch at which the fault strikes
+    times: int = field(default=1, metadata={"min": 1})  # attempts that fail before one passes
+    point: dict[str, Any] = field(default_factory=dict)  # which trials: {model.towers: 4, seed: 0}
 
 
 @dataclass(frozen=True)
@@ -59,11 +78,11 @@ class Domain:
 class SpaceConfig:
     """A search space: which experiment fields vary, and how they are searched."""
 
-    name: str
+    name: str  # the file's stem: search_spaces/<name>.yaml
     description: str = ""
-    searcher: str = field(default="grid", metadata={"choices": SEARCHERS})
+    searcher: str = field(default="grid", metadata={"choices": SEARCHERS})  # optuna: TPE
     num_samples: int = field(default=1, metadata={"min": 1})  # random/optuna: points drawn
-    metric: str = "val_acc"
+    metric: str = "val_acc"  # what optuna and asha look at
     mode: str = field(default="max", metadata={"choices": ("max", "min")})
     params: dict[str, Domain] = field(default_factory=dict)  # dotted field → domain
 
@@ -81,14 +100,16 @@ class ExperimentConfig:
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     storage: str | None = None  # folder for sweeps; None: the command line's default
-    source: str = ""  # the file it was loaded from
+    retries: int = field(default=0, metadata={"min": 0})  # a raising trial is retried this often
+    faults: FaultConfig = field(default_factory=FaultConfig)  # for testing only
+    source: str = ""  # the file it was loaded from (filled by the loader)
 
 
-# ---------------------------------------------------------------- generic validation
+# ---------------------------------------------------------------- wording
 
 
 def _fail(where: str, path: str, problem: str) -> typing.NoReturn:
-    raise ConfigError(f"{where}: {path}: {problem}" if path else f"{where}: {problem}")
+    raise ConfigError(": ".join(part for part in (where, path, problem) if part))
 
 
 def _did_you_mean(word: str, options: Sequence[str]) -> str:
@@ -97,16 +118,14 @@ def _did_you_mean(word: str, options: Sequence[str]) -> str:
 
 
 def _show(value: Any) -> str:
-    """A value as the user wrote it in YAML: 'text', true, 0.5."""
+    """A value as the user wrote it in YAML: 'text', true, null, 0.5."""
+    if value is None:
+        return "null"
     if isinstance(value, bool):
         return "true" if value else "false"
-    return (
-        repr(value)
-        if isinstance(value, str)
-        else f"{value:g}"
-        if isinstance(value, float)
-        else str(value)
-    )
+    if isinstance(value, str):
+        return repr(value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _range(meta: Mapping[str, Any]) -> str:
@@ -116,8 +135,22 @@ def _range(meta: Mapping[str, Any]) -> str:
     return " and ".join(f"{sign} {_show(meta[key])}" for key, sign in bounds if key in meta)
 
 
+def _kind_of(value: Any) -> str:
+    """What a top-level document is, in words."""
+    if value is None:
+        return "an empty file"
+    if isinstance(value, list):
+        return "a list"
+    return _show(value)
+
+
+# ---------------------------------------------------------------- generic validation
+
+
 def _check_meta(value: Any, meta: Mapping[str, Any], where: str, path: str) -> None:
-    if "choices" in meta and value not in meta["choices"]:
+    if value is None:
+        return
+    if "choices" in meta and value is not None and value not in meta["choices"]:
         hint = _did_you_mean(str(value), meta["choices"])
         allowed = f"(allowed: {', '.join(meta['choices'])})"
         _fail(where, path, f"{_show(value)} is not allowed; {hint}{allowed}" if hint
@@ -129,33 +162,58 @@ def _check_meta(value: Any, meta: Mapping[str, Any], where: str, path: str) -> N
         _fail(where, path, f"{_show(value)} is out of range; allowed: {_range(meta)}")
 
 
-def _coerce(hint: Any, value: Any, where: str, path: str) -> Any:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _as_float(value: Any) -> float | None:
+    """value as a float if it is a number (or YAML 1.1's '1e-3' string), else None."""
+    if isinstance(value, str) and FLOAT_TEXT.match(value):
+        return float(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
+def _unwrap_optional(hint: Any) -> tuple[Any, bool]:
+    """(T, True) for `T | None`, (hint, False) otherwise."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
         (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(inner, value, where, path)
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, where, path)
-    if hint is Any:
-        return value
+        return inner, type(None) in args
+    return hint, False
+
+
+def _coerce_scalar(hint: Any, value: Any, where: str, path: str) -> Any:
     if hint is bool:
         if not isinstance(value, bool):
             _fail(where, path, f"expected true or false, got {_show(value)}")
         return value
     if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
+        if not _is_int(value):
             _fail(where, path, f"expected an integer, got {_show(value)}")
-        return value
+        return int(value)
     if hint is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
+        number = _as_float(value)
+        if number is None:
             _fail(where, path, f"expected a number, got {_show(value)}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            _fail(where, path, f"expected a string, got {_show(value)}")
+        return number
+    if not isinstance(value, str):
+        _fail(where, path, f"expected a string, got {_show(value)}")
+    return str(value)
+
+
+def _coerce(hint: Any, value: Any, where: str, path: str) -> Any:
+    hint, optional = _unwrap_optional(hint)
+    if value is None and optional:
+        return None
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where, path)
+    if hint is Any:
         return value
+    if hint in (bool, int, float, str):
+        return _coerce_scalar(hint, value, where, path)
     if origin is tuple:
         if not isinstance(value, list | tuple):
             _fail(where, path, f"expected a list, got {_show(value)}")
@@ -173,15 +231,18 @@ def _build(cls: type, data: Any, where: str, path: str = "") -> Any:
         return _domain(data, where, path)
     if isinstance(data, cls):
         return data
+    if cls is SchedulerConfig and isinstance(data, str):
+        data = {"name": data}  # the shorthand `scheduler: asha`
     if not isinstance(data, Mapping):
         _fail(where, path, f"expected a mapping of fields, got {_show(data)}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in data:
         if key not in fields:
-            allowed = ", ".join(sorted(fields))
             name = f"{path}.{key}" if path else str(key)
-            _fail(where, name, f"unknown field; {_did_you_mean(str(key), list(fields))}"
-                               f"(allowed: {allowed})")  # fmt: skip
+            hint = _did_you_mean(str(key), list(fields))
+            allowed = f"(allowed: {', '.join(sorted(fields))})"
+            _fail(where, name, f"unknown field; {hint}{allowed}" if hint
+                               else f"unknown field {allowed}")  # fmt: skip
     hints = typing.get_type_hints(cls)
     values = {}
     for name, f in fields.items():
@@ -200,32 +261,29 @@ def _domain(data: Any, where: str, path: str) -> Domain:
     if not isinstance(data, Mapping) or len(data) != 1 or next(iter(data)) not in DOMAIN_KINDS:
         _fail(where, path, f"expected one of {{{kinds}}}: [values], got {_show(data)}")
     ((kind, values),) = data.items()
-    if not isinstance(values, list) or not values:
+    if not isinstance(values, list | tuple) or not values:
         _fail(where, path, f"{kind} needs a non-empty list, got {_show(values)}")
-    if kind in ("uniform", "loguniform", "randint"):
-        numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
-        if len(values) != 2 or not numeric or values[0] >= values[1]:
-            _fail(where, path, f"{kind} needs [low, high] with low < high, got {values}")
+    if kind in RANGE_KINDS:
+        values = _range_bounds(kind, list(values), where, path)
     return Domain(kind, tuple(values))
 
 
-# ---------------------------------------------------------------- files and overrides
+def _range_bounds(kind: str, values: list[Any], where: str, path: str) -> list[Any]:
+    """[low, high] of a uniform / loguniform / randint domain, checked."""
+    if kind == "randint":
+        bounds = [int(v) if _is_int(v) else None for v in values]
+        wanted = "integers low < high"
+    else:
+        bounds = [_as_float(v) for v in values]
+        wanted = "0 < low < high" if kind == "loguniform" else "low < high"
+    if len(bounds) != 2 or None in bounds or bounds[0] >= bounds[1]:
+        _fail(where, path, f"{kind} needs [low, high] with {wanted}, got {_show(values)}")
+    if kind == "loguniform" and bounds[0] <= 0:
+        _fail(where, path, f"{kind} needs [low, high] with {wanted}, got {_show(values)}")
+    return bounds
 
 
-def _read_yaml(path: Path) -> Any:
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such file")
-    try:
-        return yaml.safe_load(path.read_text())
-    except yaml.MarkedYAMLError as err:
-        mark = err.problem_mark
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        problem = err.problem or "unreadable"
-        if "could not determine a constructor" in problem:
-            problem = "tags like !!python/... are not allowed (files are read with safe_load)"
-        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
+# ---------------------------------------------------------------- dotted paths
 
 
 def _field_paths(cls: type, prefix: str = "") -> list[str]:
@@ -239,20 +297,65 @@ def _field_paths(cls: type, prefix: str = "") -> list[str]:
     return paths
 
 
+def _split(key: str) -> list[str]:
+    """The parts of a dotted path; a site prefix or a space parameter's key stays whole."""
+    for head in (OVERRIDES, SPACE_PARAMS):
+        if key.startswith(head) and len(key) > len(head):
+            return [*head.rstrip(".").split("."), key.removeprefix(head)]
+    return key.split(".")
+
+
 def _known_path(key: str) -> bool:
-    return key in _field_paths(ExperimentConfig) or key.startswith("model.overrides.")
+    overrides = key.startswith(OVERRIDES) and len(key) > len(OVERRIDES)
+    return overrides or key in _field_paths(ExperimentConfig)
+
+
+def _field_hint(key: str) -> Any:
+    """The type of the field a known dotted path names (Any for a tower override)."""
+    if key.startswith(OVERRIDES):
+        return Any
+    hint: Any = ExperimentConfig
+    for part in key.split("."):
+        hint = typing.get_type_hints(hint)[part]
+    return _unwrap_optional(hint)[0]
 
 
 def _set(raw: dict[str, Any], key: str, value: Any) -> None:
+    """Set a dotted path in a nested dict, making (or replacing) the mappings on the way."""
     node = raw
-    parts = key.split(".")
+    parts = _split(key)
     for part in parts[:-1]:
         child = node.get(part)
-        if not isinstance(child, dict):
-            child = {} if child is None or not isinstance(child, Mapping) else dict(child)
-            node[part] = child
+        child = dict(child) if isinstance(child, Mapping) else {}
+        node[part] = child
         node = child
     node[parts[-1]] = value
+
+
+# ---------------------------------------------------------------- files and overrides
+
+
+def _read_yaml(path: Path) -> Any:
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such file")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = " ".join((err.problem or "unreadable").split())
+        if "could not determine a constructor" in problem:
+            problem = "tags like !!python/... are not allowed (files are read with safe_load)"
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
+
+
+def _read_mapping(path: Path) -> dict[str, Any]:
+    raw = _read_yaml(path)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of fields at the top, got {_kind_of(raw)}")
+    return raw
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -270,27 +373,9 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"--set {text}: the value is not valid YAML") from None
 
 
-def load_space(name: Any, experiment_file: Path) -> tuple[dict[str, Any], str]:
-    """The raw mapping of a search space, and the file it came from."""
-    if isinstance(name, Mapping):
-        return {"name": "inline", **name}, str(experiment_file)
-    if not isinstance(name, str):
-        raise ConfigError(f"{experiment_file}: space: expected a space name, got {_show(name)}")
-    if name.endswith(".yaml"):
-        path = Path(name)
-    else:
-        dirs = [experiment_file.resolve().parent.parent / "search_spaces", Path("search_spaces")]
-        found = [d / f"{name}.yaml" for d in dirs if (d / f"{name}.yaml").is_file()]
-        if not found:
-            available = sorted({p.stem for d in dirs if d.is_dir() for p in d.glob("*.yaml")})
-            raise ConfigError(f"{experiment_file}: space: no search space {name!r}; "
-                              f"{_did_you_mean(name, available)}"
-                              f"(available: {', '.join(available)})")  # fmt: skip
-        path = _relative(found[0])
-    raw = _read_yaml(path)
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of fields at the top")
-    return {"name": path.stem, **raw}, str(path)
+def space_dirs(experiment_file: str | Path) -> tuple[Path, ...]:
+    """Where a bare space name is looked up: beside the experiment's folder, then ./."""
+    return (Path(experiment_file).resolve().parent.parent / "search_spaces", Path("search_spaces"))
 
 
 def _relative(path: Path) -> Path:
@@ -301,31 +386,74 @@ def _relative(path: Path) -> Path:
         return path
 
 
+def _space_file(name: Any, search_dirs: Sequence[Path], where: str) -> Path:
+    """The file a space name (or a path ending in .yaml) refers to."""
+    if not isinstance(name, str):
+        _fail(where, "space", f"expected a space name, got {_show(name)}")
+    if name.endswith(".yaml"):
+        return Path(name)
+    found = [Path(d) / f"{name}.yaml" for d in search_dirs if (Path(d) / f"{name}.yaml").is_file()]
+    if not found:
+        available = sorted({p.stem for d in map(Path, search_dirs) for p in d.glob("*.yaml")})
+        if not available:
+            looked = ", ".join(str(d) for d in search_dirs)
+            _fail(where, "space", f"no search space {name!r} (no .yaml files in: {looked})")
+        hint = _did_you_mean(name, available)
+        _fail(where, "space", f"no search space {name!r}; {hint}"
+                              f"(available: {', '.join(available)})")  # fmt: skip
+    return _relative(found[0])
+
+
+def _read_space(name: Any, search_dirs: Sequence[Path], where: str) -> tuple[dict, str]:
+    """The raw mapping of a space (its name filled from the file's stem), and its file."""
+    path = _space_file(name, search_dirs, where)
+    return {"name": path.stem, **_read_mapping(path)}, str(path)
+
+
+def load_space(
+    name_or_path: str | Path, search_dirs: Sequence[str | Path] = ("search_spaces",)
+) -> SpaceConfig:
+    """A search space by name (looked up in search_dirs) or by its .yaml path, validated."""
+    dirs = [Path(d) for d in search_dirs]
+    raw, space_file = _read_space(str(name_or_path), dirs, "")
+    space = _build(SpaceConfig, raw, space_file)
+    _check_params(space, space_file)
+    return space
+
+
 def load_experiment(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentConfig:
     """Read, override, validate and resolve an experiment file; nothing is written."""
     path = Path(path)
-    raw = _read_yaml(path)
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of fields at the top")
+    raw = _read_mapping(path)
+    if isinstance(raw.get("scheduler"), str):
+        raw["scheduler"] = {"name": raw["scheduler"]}  # so --set scheduler.x keeps the name
     space_sets = []
     for text in overrides:
         key, value = parse_override(text)
         if key.startswith("space."):
-            space_sets.append((key.removeprefix("space."), value))
+            space_sets.append((key, value))
         else:
             _set(raw, key, value)
     if "space" not in raw:
-        raise ConfigError(f"{path}: space: missing (required)")
-    space_raw, space_file = load_space(raw["space"], path)
+        _fail(str(path), "space", "missing (required)")
+    if isinstance(raw["space"], Mapping):
+        space_raw, space_file = {"name": "inline", **raw["space"]}, str(path)
+    else:
+        space_raw, space_file = _read_space(raw["space"], space_dirs(path), str(path))
+    resolved = {**raw, "space": space_raw}
     for key, value in space_sets:
-        _set(space_raw, key, value)
-    raw["space"] = space_raw
-    return _validate(raw, str(path), space_file)
+        _set(resolved, key, value)
+    return _validate(resolved, str(path), space_file)
+
+
+# ---------------------------------------------------------------- whole-config checks
 
 
 def _validate(raw: dict[str, Any], where: str, space_file: str) -> ExperimentConfig:
-    space = _build(SpaceConfig, raw["space"], space_file)
-    cfg = _build(ExperimentConfig, {**raw, "space": space, "source": where}, where)
+    data = {**raw, "source": where}
+    if "space" in raw:
+        data["space"] = _build(SpaceConfig, raw["space"], space_file)
+    cfg = _build(ExperimentConfig, data, where)
     if not NAME_PATTERN.match(cfg.name):
         _fail(where, "name", f"{cfg.name!r} may hold only letters, digits, '_', '-' and '.'")
     if not cfg.seeds:
@@ -336,13 +464,14 @@ def _validate(raw: dict[str, Any], where: str, space_file: str) -> ExperimentCon
         _fail(where, "scheduler.grace_period", f"{cfg.scheduler.grace_period} is more than "
                                                f"train.epochs ({cfg.train.epochs})")  # fmt: skip
     _check_towers(cfg, where)
-    _check_space(cfg, space_file)
+    _check_params(cfg.space, space_file)
+    _check_space_values(cfg, space_file)
     return cfg
 
 
 def _check_towers(cfg: ExperimentConfig, where: str) -> None:
     specs = {"model.towers": cfg.model.towers, "model.reference": cfg.model.reference}
-    specs |= {f"model.overrides.{k}": v for k, v in cfg.model.overrides.items()}
+    specs |= {f"{OVERRIDES}{k}": v for k, v in cfg.model.overrides.items()}
     for path, spec in specs.items():
         try:
             TowerSpec.parse(spec)
@@ -350,25 +479,59 @@ def _check_towers(cfg: ExperimentConfig, where: str) -> None:
             _fail(where, path, str(err))
 
 
-def _check_space(cfg: ExperimentConfig, space_file: str) -> None:
-    """Every space parameter names a field, and every value it can take validates."""
-    base = to_dict(cfg)
-    for key, domain in cfg.space.params.items():
+def _check_params(space: SpaceConfig, space_file: str) -> None:
+    """Every space parameter names a field, with a domain its searcher and type can draw."""
+    for key, domain in space.params.items():
         path = f"params.{key}"
         if key == "seed":
             _fail(space_file, path, "seeds come from the experiment's seeds, not the space")
-        if not _known_path(key) or key.split(".")[0] in ("space", "name", "source", "seeds"):
+        if not _known_path(key) or key.split(".")[0] in NOT_SPACE_PARAMS:
             hint = _did_you_mean(key, _field_paths(ExperimentConfig))
             _fail(space_file, path, f"names no experiment field; {hint}".rstrip("; "))
-        if domain.kind == "grid" and cfg.space.searcher != "grid":
-            _fail(space_file, path, f"grid needs searcher: grid ({cfg.space.searcher} samples; "
+        if domain.kind == "grid" and space.searcher != "grid":
+            _fail(space_file, path, f"grid needs searcher: grid ({space.searcher} samples; "
                                     f"use choice)")  # fmt: skip
-        for value in domain.values:
+        hint = _field_hint(key)
+        draws = "integers" if domain.kind == "randint" else "real numbers"
+        allowed = (int, float, Any) if domain.kind == "randint" else (float,)
+        if domain.kind in RANGE_KINDS and hint not in allowed:
+            _fail(space_file, path, f"{domain.kind} draws {draws}, but {key} takes "
+                                    f"{_type_words(hint)}; use choice")  # fmt: skip
+        for value in _points(domain):
+            if key in ("model.towers", "model.reference") or key.startswith(OVERRIDES):
+                _check_spec(value, space_file, path)
+
+
+def _type_words(hint: Any) -> str:
+    words = {bool: "true or false", int: "integers", str: "strings", Any: "tower specs"}
+    return words.get(hint, "a list" if typing.get_origin(hint) is tuple else "a mapping")
+
+
+def _points(domain: Domain) -> tuple[Any, ...]:
+    """The values a domain can take that are checked up front: all of them, or its ends."""
+    if domain.kind == "randint":
+        return (domain.values[0], domain.values[1] - 1)  # Ray's randint excludes high
+    return domain.values
+
+
+def _check_spec(value: Any, space_file: str, path: str) -> None:
+    try:
+        TowerSpec.parse(value)
+    except ValueError as err:
+        _fail(space_file, path, f"{_show(value)}: {err}")
+
+
+def _check_space_values(cfg: ExperimentConfig, space_file: str) -> None:
+    """Every value a space parameter can take (or a range's ends) validates in this experiment."""
+    base = to_dict(cfg)
+    for key, domain in cfg.space.params.items():
+        for value in _points(domain):
             try:
                 _validate(_set_copy(base, key, value), space_file, space_file)
             except ConfigError as err:
-                problem = str(err).split(": ", 2)[-1]
-                _fail(space_file, path, f"{_show(value)}: {problem}")
+                problem = str(err).removeprefix(f"{space_file}: ").removeprefix(f"{key}: ")
+                shown = "" if problem.startswith(_show(value)) else f"{_show(value)}: "
+                _fail(space_file, f"params.{key}", f"{shown}{problem}")
 
 
 def _set_copy(base: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
@@ -414,7 +577,8 @@ def to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
 def from_dict(raw: Mapping[str, Any]) -> ExperimentConfig:
     """The config to_dict() described, validated again."""
     raw = dict(raw)
-    return _validate(raw, raw.get("source") or "<config>", raw.get("source") or "<config>")
+    where = raw.get("source") or "<config>"
+    return _validate(raw, where, where)
 
 
 def apply(cfg: ExperimentConfig, assignments: Mapping[str, Any]) -> ExperimentConfig:
@@ -422,6 +586,7 @@ def apply(cfg: ExperimentConfig, assignments: Mapping[str, Any]) -> ExperimentCo
     raw = to_dict(cfg)
     for key, value in assignments.items():
         if not _known_path(key):
-            raise ConfigError(f"{cfg.source}: {key}: unknown field")
+            hint = _did_you_mean(key, _field_paths(ExperimentConfig))
+            _fail(cfg.source or "<config>", key, f"unknown field; {hint}".rstrip("; "))
         _set(raw, key, value)
     return from_dict(raw)

@@ -112,30 +112,40 @@ def signature(block: nn.Module, x: Tensor, training: bool) -> str:
             f"d{block.dilation}|t{block.towers}|{block.order}|{block.mid}")  # fmt: skip
 
 
-def time_block(block: nn.Module, x: Tensor, training: bool, repeats: int = 3) -> dict[str, float]:
-    """Best time of the whole block (forward, + backward when training) per candidate impl.
+def time_block(
+    block: nn.Module, x: Tensor, training: bool, repeats: int = 5, min_time: float = 0.02
+) -> dict[str, float]:
+    """Best time per call of the whole block (forward, + backward when training) per impl.
 
     The whole block, not the grouped conv alone: an implementation's output layout also speeds
     up or slows down the 1×1 convolution after it. Copies are timed, so the block's gradients
-    and BatchNorm statistics stay untouched.
+    and BatchNorm statistics stay untouched. Each measurement loops for at least min_time, and
+    rounds visit every candidate in turn, so a noisy moment hits them alike.
     """
     x = x.detach().clone().requires_grad_(training)
     copies = {}
     for name in candidates(block.spatial_channels, block.towers):
         copies[name] = copy.deepcopy(block)
         copies[name].impl = name
-    best = dict.fromkeys(copies, float("inf"))
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
-    for _ in range(repeats + 1):  # the first round warms up, then rounds interleave
+
+    def call(clone: nn.Module) -> None:
+        with torch.enable_grad() if training else torch.no_grad():
+            out = clone(x)
+            if training:
+                out.backward(torch.ones_like(out))
+
+    for clone in copies.values():  # warm-up: kernel selection, allocations
+        call(clone)
+    best = dict.fromkeys(copies, float("inf"))
+    for _ in range(repeats):
         for name, clone in copies.items():
-            sync()
-            start = time.perf_counter()
-            with torch.enable_grad() if training else torch.no_grad():
-                out = clone(x)
-                if training:
-                    out.backward(torch.ones_like(out))
-            sync()
-            best[name] = min(best[name], time.perf_counter() - start)
+            calls, start = 0, time.perf_counter()
+            while calls == 0 or time.perf_counter() - start < min_time:
+                call(clone)
+                sync()
+                calls += 1
+            best[name] = min(best[name], (time.perf_counter() - start) / calls)
     return best
 
 
@@ -146,7 +156,7 @@ class Chooser:
     sweep's trials share them, and reruns choose alike).
     """
 
-    def __init__(self, path: str | Path | None = None, repeats: int = 3) -> None:
+    def __init__(self, path: str | Path | None = None, repeats: int = 5) -> None:
         self.path = Path(path) if path else None
         self.repeats = repeats
         self.choices: dict[str, str] = {}

@@ -83,6 +83,7 @@ def _row(record: dict[str, Any]) -> dict[str, Any]:
         position=sum(r["position"] for r in realized.values()) / max(len(realized), 1),
         group_widths=",".join(map(str, widths)),
         point=json.dumps(record.get("point", {}), sort_keys=True),
+        resumed_at=",".join(map(str, record.get("resumed_at", []))),
         config=json.dumps(record.get("config", {}), sort_keys=True),
     )
     return row

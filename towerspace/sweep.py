@@ -138,6 +138,9 @@ def run_trial(config: dict[str, Any], *, base: ExperimentConfig, records: str, o
             with tempfile.TemporaryDirectory() as directory:
                 trial.save_checkpoint(Path(directory))
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
+        if trial.record["status"] == "diverged":  # never the best: searchers see the worst value
+            worst = -math.inf if base.space.mode == "max" else math.inf
+            tune.report({base.space.metric: worst, "diverged": 1})
     finally:  # workers are reused across trials: leave nothing behind for the next one
         del trial
         gc.collect()
@@ -223,7 +226,7 @@ def run_sweep(
             name=cfg.name,
             storage_path=str(storage),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-            failure_config=tune.FailureConfig(max_failures=0),
+            failure_config=tune.FailureConfig(max_failures=cfg.retries),
             callbacks=[Progress(total)],
             verbose=0,
         ),

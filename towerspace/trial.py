@@ -53,6 +53,11 @@ def tower_label(cfg: ExperimentConfig) -> str:
     return label
 
 
+def _targets(point: Mapping[str, Any], trial_point: Mapping[str, Any], seed: int) -> bool:
+    """Whether a fault's point selects this trial (an empty point selects every trial)."""
+    return all((seed if k == "seed" else trial_point.get(k)) == v for k, v in point.items())
+
+
 class Trial:
     """Builds a trial's data, model and trainer, trains it, and keeps its record current."""
 
@@ -66,6 +71,7 @@ class Trial:
         record_path: Path,
         origin: Mapping[str, Any] | None = None,
     ) -> None:
+        self.faults = cfg.faults if _targets(cfg.faults.point, point, seed) else None
         seed_everything(seed)
         device = choose_device(cfg.train.device)
         self.data = datasets.load(cfg.data, device=device)
@@ -103,6 +109,7 @@ class Trial:
             "epochs_planned": cfg.train.epochs,
             "epochs_run": 0,
             "error": None,
+            "resumed_at": [],  # epochs this trial continued from a checkpoint (retries, resumes)
             "config": to_dict(cfg),
             **origin,
             "history": [],
@@ -118,11 +125,17 @@ class Trial:
         self.trainer.load_state_dict(state)
         self.record["history"] = list(self.trainer.history)
         self.record["epochs_run"] = len(self.trainer.history)
+        self.record["resumed_at"] = [*self.record.get("resumed_at", []), self.trainer.epoch]
 
     def epochs(self) -> Iterator[dict[str, float]]:
         """Train to the end, yielding each epoch's metrics; the record follows every epoch."""
         try:
-            for metrics in self.trainer.epochs():
+            epochs = self.trainer.epochs()
+            while True:
+                self._strike()
+                metrics = next(epochs, None)
+                if metrics is None:
+                    break
                 self._update(metrics)
                 yield metrics
         except Diverged as err:
@@ -147,6 +160,21 @@ class Trial:
             peak_memory_mb=max(h["peak_memory_mb"] for h in history),
         )
         write_json(self.record_path, self.record)
+
+    def _strike(self) -> None:
+        """Fault injection (for tests): fail the chosen trial at the chosen epoch, `times` times."""
+        fault = self.faults
+        if fault is None or fault.kind is None or self.trainer.epoch + 1 != fault.epoch:
+            return
+        counter = self.record_path.with_suffix(".faults")
+        struck = int(counter.read_text()) if counter.exists() else 0
+        if struck >= fault.times:
+            return
+        counter.write_text(str(struck + 1))
+        if fault.kind == "raise":
+            raise RuntimeError(f"injected fault at epoch {fault.epoch} (attempt {struck + 1})")
+        with torch.no_grad():  # diverge for real: the next loss is NaN and the trainer stops
+            next(self.model.parameters()).fill_(math.nan)
 
     def finish(self, status: str, error: str | None = None) -> None:
         """Close the record with a final status."""
