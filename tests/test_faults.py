@@ -57,3 +57,14 @@ def test_a_diverging_trial_stops_at_once_and_is_left_out(tmp_path):
     summary = analysis.summarize(results.load(outcome.results_path))
     assert list(summary["towers"]) == ["depthwise"] and summary["failed"].sum() == 0
     assert summary.attrs["excluded"] == [f"{bad['trial_id']} (diverged)"]
+
+
+def test_the_same_experiment_twice_gives_identical_metrics(tmp_path):
+    sets = ("train.epochs=2", "train.max_steps=3", "space.params={model.towers: {grid: [1, 4]}}")
+    runs = []
+    for name in ("a", "b"):
+        outcome, _ = _sweep(tmp_path / name, *sets)
+        history = results.load_history(outcome.history_path).sort_values(["towers", "epoch"])
+        runs.append(history[["towers", "epoch", "train_loss", "val_loss", "val_acc"]])
+    assert len(runs[0]) == 4
+    assert runs[0].reset_index(drop=True).equals(runs[1].reset_index(drop=True))

@@ -73,7 +73,8 @@ def test_an_existing_sweep_is_not_overwritten(tmp_path, capsys):
     assert main(["sweep", exp, "--smoke", "--storage", str(tmp_path)]) == 2
     assert capsys.readouterr().err == (
         f"towerspace: error: {tmp_path}/digits_continuum: a sweep named 'digits_continuum' is "
-        f"already there; pass --restart to replace it, or --storage to write elsewhere\n"
+        f"already there; pass --resume to continue it or --restart to replace it (or --storage "
+        f"to write elsewhere)\n"
     )
     assert (tmp_path / "digits_continuum" / "records" / "old.json").read_text() == "{}"
 

@@ -73,7 +73,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     storage = Path(args.storage or cfg.storage or "runs")
     from towerspace import sweep
 
-    outcome = sweep.run_sweep(cfg, storage=storage, address=args.address, restart=args.restart)
+    if args.resume and args.restart:
+        raise ValueError("--resume and --restart exclude each other: continue, or start over")
+    outcome = sweep.run_sweep(
+        cfg, storage=storage, address=args.address, restart=args.restart, resume=args.resume,
+        retry_errored=args.retry_errored,
+    )  # fmt: skip
     counts = ", ".join(f"{n} {status}" for status, n in sorted(outcome.statuses.items()))
     print(f"\n{cfg.name}: {sum(outcome.statuses.values())} trials ({counts})")
     _report(outcome.sweep_dir)
@@ -180,6 +185,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--address",
         default=None,
         help="a running Ray cluster (default: RAY_ADDRESS, else a local Ray)",
+    )
+    sweep.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the sweep in --storage: finished trials are kept, "
+        "unfinished ones continue from their last epoch checkpoint",
+    )
+    sweep.add_argument(
+        "--retry-errored",
+        action="store_true",
+        help="with --resume: also retry trials that ended in error, from their "
+        "last checkpoint (default: keep them as errors)",
     )
     sweep.add_argument("--restart", action="store_true", help="replace an existing sweep")
     sweep.add_argument(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import math
 import os
 import shutil
@@ -23,7 +24,7 @@ from ray.tune.search.optuna import OptunaSearch
 from ray.tune.search.repeater import TRIAL_INDEX
 
 from towerspace import results
-from towerspace.config import ConfigError, ExperimentConfig, SpaceConfig, apply
+from towerspace.config import ConfigError, ExperimentConfig, SpaceConfig, apply, to_dict
 from towerspace.results import write_json
 from towerspace.trial import Trial, provenance
 
@@ -125,6 +126,10 @@ def run_trial(config: dict[str, Any], *, base: ExperimentConfig, records: str, o
     seed = config["seed"] if "seed" in config else base.seeds[config.get(TRIAL_INDEX, 0)]
     torch.set_num_threads(max(1, math.ceil(base.resources.cpus)))
     trial_id = tune.get_context().get_trial_id()
+    done = _finished_record(Path(records) / f"{trial_id}.json")
+    if done is not None:  # finished before a kill that Ray's saved state did not see: keep it
+        tune.report(done["history"][-1])
+        return
     trial = Trial(
         apply(base, point), seed=seed, trial_id=trial_id, point=point,
         record_path=Path(records) / f"{trial_id}.json", origin=origin,
@@ -146,6 +151,14 @@ def run_trial(config: dict[str, Any], *, base: ExperimentConfig, records: str, o
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def _finished_record(path: Path) -> dict | None:
+    try:
+        record = results.read_record(path)
+    except (OSError, ValueError):
+        return None
+    return record if record["status"] == "finished" and record.get("history") else None
 
 
 def init_ray(address: str | None) -> None:
@@ -175,44 +188,102 @@ def check_resources(cfg: ExperimentConfig) -> None:
             )
 
 
-def prepare_storage(cfg: ExperimentConfig, storage: Path, restart: bool) -> Path:
-    """The sweep's directory under storage; an existing sweep is kept unless restart is asked."""
+EXPERIMENT_FILE = "experiment.json"  # the resolved config a sweep was started with
+
+
+def prepare_storage(cfg: ExperimentConfig, storage: Path, restart: bool, resume: bool) -> Path:
+    """The sweep's directory: refuse to overwrite unless asked, and check what a resume finds."""
     sweep_dir = storage / cfg.name
-    if sweep_dir.exists() and any(sweep_dir.iterdir()):
-        if not restart:
-            raise ConfigError(
-                f"{sweep_dir}: a sweep named {cfg.name!r} is already there; pass --restart to "
-                f"replace it, or --storage to write elsewhere"
-            )
-        shutil.rmtree(sweep_dir)
+    exists = sweep_dir.is_dir() and any(sweep_dir.iterdir())
+    if resume:
+        if not exists:
+            raise ConfigError(f"--resume: no sweep named {cfg.name!r} under {storage}")
+        _check_same_experiment(cfg, sweep_dir)
+        if not tune.Tuner.can_restore(str(sweep_dir)):
+            raise ConfigError(f"--resume: {sweep_dir} holds no Ray Tune state to resume; "
+                              f"pass --restart to start over")  # fmt: skip
+        return sweep_dir
+    if exists and not restart:
+        raise ConfigError(
+            f"{sweep_dir}: a sweep named {cfg.name!r} is already there; pass --resume to "
+            f"continue it or --restart to replace it (or --storage to write elsewhere)"
+        )
     try:
+        if exists:
+            shutil.rmtree(sweep_dir)
         (sweep_dir / results.RECORDS).mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ConfigError(f"--storage {storage}: cannot write there ({err.strerror})") from None
+    write_json(sweep_dir / EXPERIMENT_FILE, _comparable(cfg))
     return sweep_dir
 
 
+def _comparable(cfg: ExperimentConfig) -> dict[str, Any]:
+    return {k: v for k, v in to_dict(cfg).items() if k not in ("source", "storage")}
+
+
+def _check_same_experiment(cfg: ExperimentConfig, sweep_dir: Path) -> None:
+    path = sweep_dir / EXPERIMENT_FILE
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise ConfigError(f"--resume: {sweep_dir} is not a towerspace sweep (no readable "
+                          f"{EXPERIMENT_FILE})") from None  # fmt: skip
+    now = json.loads(json.dumps(_comparable(cfg)))
+    changed = sorted(_differences(stored, now))
+    if changed:
+        raise ConfigError(f"--resume: {sweep_dir} holds a different experiment (changed: "
+                          f"{', '.join(changed)})")  # fmt: skip
+
+
+def _differences(a: Any, b: Any, path: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys = sorted(set(a) | set(b))
+        return [d for k in keys for d in _differences(a.get(k), b.get(k), f"{path}{k}.")]
+    return [] if a == b else [path.rstrip(".")]
+
+
 def run_sweep(
-    cfg: ExperimentConfig, *, storage: Path, address: str | None = None, restart: bool = False
+    cfg: ExperimentConfig,
+    *,
+    storage: Path,
+    address: str | None = None,
+    restart: bool = False,
+    resume: bool = False,
+    retry_errored: bool = False,
 ) -> SweepOutcome:
-    """Run every trial of an experiment on Ray Tune and write its results tables."""
+    """Run (or resume) every trial of an experiment on Ray Tune and write its results tables."""
     storage = Path(storage).resolve()
     if cfg.data.root is not None:  # trials run in their own working directories
         cfg = apply(cfg, {"data.root": str(Path(cfg.data.root).resolve())})
     init_ray(address)
     check_resources(cfg)
-    sweep_dir = prepare_storage(cfg, storage, restart)
+    sweep_dir = prepare_storage(cfg, storage, restart, resume)
     records_dir = sweep_dir / results.RECORDS
-    trainable = tune.with_parameters(
-        run_trial, base=cfg, records=str(records_dir), origin=provenance()
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, base=cfg, records=str(records_dir), origin=provenance()),
+        {"cpu": cfg.resources.cpus, "gpu": cfg.resources.gpus},
     )
-    repeats = 1 if cfg.space.searcher == "grid" else len(cfg.seeds)
     total = count_trials(cfg.space, cfg.seeds)
     cluster = ray.cluster_resources()
-    print(f"{cfg.name}: {total} trials on {cluster.get('CPU', 0):g} CPUs and "
-          f"{cluster.get('GPU', 0):g} GPUs, into {sweep_dir}", flush=True)  # fmt: skip
-    tuner = tune.Tuner(
-        tune.with_resources(trainable, {"cpu": cfg.resources.cpus, "gpu": cfg.resources.gpus}),
+    verb = "resuming" if resume else "running"
+    print(f"{cfg.name}: {verb} {total} trials on {cluster.get('CPU', 0):g} CPUs and "
+          f"{cluster.get('GPU', 0):g} GPUs, in {sweep_dir}", flush=True)  # fmt: skip
+    if resume:
+        tuner = _restore(sweep_dir, trainable, cfg, retry_errored)
+    else:
+        tuner = _tuner(cfg, trainable, storage, total)
+    grid = tuner.fit()
+    close_records(grid, records_dir, cfg)
+    results_path, history_path = results.write_tables(sweep_dir)
+    statuses = Counter(pd.read_parquet(results_path)["status"])
+    return SweepOutcome(sweep_dir, results_path, history_path, dict(statuses))
+
+
+def _tuner(cfg: ExperimentConfig, trainable, storage: Path, total: int) -> tune.Tuner:
+    repeats = 1 if cfg.space.searcher == "grid" else len(cfg.seeds)
+    return tune.Tuner(
+        trainable,
         param_space=param_space(cfg.space, cfg.seeds),
         tune_config=tune.TuneConfig(
             metric=cfg.space.metric,
@@ -231,28 +302,59 @@ def run_sweep(
             verbose=0,
         ),
     )
-    grid = tuner.fit()
-    close_records(grid, records_dir, cfg)
-    results_path, history_path = results.write_tables(sweep_dir)
-    statuses = Counter(pd.read_parquet(results_path)["status"])
-    return SweepOutcome(sweep_dir, results_path, history_path, dict(statuses))
+
+
+def _restore(sweep_dir: Path, trainable, cfg: ExperimentConfig, retry_errored: bool):
+    """Ray's restore; its state is pickles, so only trusted directories may be resumed."""
+    try:
+        return tune.Tuner.restore(
+            str(sweep_dir), trainable=trainable, resume_unfinished=True,
+            resume_errored=retry_errored, param_space=param_space(cfg.space, cfg.seeds),
+        )  # fmt: skip
+    except Exception as err:  # a damaged state must never become a silent fresh start
+        problem = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        raise ConfigError(f"--resume: cannot read the Ray Tune state in {sweep_dir} "
+                          f"({problem}); pass --restart to start over") from None  # fmt: skip
+
+
+def _saved_statuses(sweep_dir: Path) -> dict[str, str]:
+    """Trial statuses in Ray's last saved experiment state: what --resume will see.
+
+    After a Ctrl-C, Ray ends the interrupted trials in memory but saves them as running, and
+    resumes them; only the saved state tells an interruption from a scheduler's stop.
+    """
+    states = sorted(sweep_dir.glob("experiment_state-*.json"), key=lambda p: p.stat().st_mtime)
+    try:
+        trials = json.loads(states[-1].read_text())["trial_data"]
+        parsed = [json.loads(t[0]) if isinstance(t[0], str) else t[0] for t in trials]
+        return {t["trial_id"]: t["status"] for t in parsed}
+    except (IndexError, OSError, ValueError, KeyError, TypeError):
+        return {}
 
 
 def close_records(grid: tune.ResultGrid, records_dir: Path, cfg: ExperimentConfig) -> None:
-    """Give every trial a final status: early-stopped ones 'stopped', crashed ones 'error'."""
-    for result in grid:
-        trial_id = Path(result.path).name.split("_")[-3] if result.path else None
-        trial_id = (result.metrics or {}).get("trial_id", trial_id)
-        path = records_dir / f"{trial_id}.json"
-        record = results.read_record(path) if path.exists() else None
-        error = f"{type(result.error).__name__}: {result.error}" if result.error else None
-        if record is None:
-            record = {"experiment": cfg.name, "trial_id": trial_id, "status": "running",
+    """Give every ended trial a final status; interrupted ones stay unfinished (resumable).
+
+    Ray's per-trial status is only on the experiment analysis behind the ResultGrid (Ray is
+    pinned in requirements.lock; this is the one place that reads it).
+    """
+    saved = _saved_statuses(records_dir.parent)
+    for trial in grid._experiment_analysis.trials:
+        status_now = saved.get(trial.trial_id, trial.status)
+        if status_now not in ("TERMINATED", "ERROR"):
+            continue  # running or pending when interrupted: --resume continues it
+        path = records_dir / f"{trial.trial_id}.json"
+        try:
+            record = results.read_record(path)
+        except (OSError, ValueError):
+            record = {"experiment": cfg.name, "trial_id": trial.trial_id, "status": "running",
                       "point": {}, "history": []}  # fmt: skip
         if record["status"] != "running":
             continue
+        error = trial.get_error() if trial.status == "ERROR" else None
         # a scheduler may stop a trial at its last epoch too: it ran to the end, so it finished
         ran_out = record.get("epochs_run", 0) >= record.get("epochs_planned", math.inf)
-        status = "error" if error else "finished" if ran_out else "stopped"
-        record.update(status=status, error=error)
+        status = "error" if trial.status == "ERROR" else "finished" if ran_out else "stopped"
+        message = str(error).strip().splitlines()[-1] if error else None
+        record.update(status=status, error=record.get("error") or message)
         write_json(path, record)

@@ -14,7 +14,7 @@ import towerspace
 from towerspace import data as datasets
 from towerspace.config import ExperimentConfig, to_dict
 from towerspace.models import build_model
-from towerspace.results import write_json
+from towerspace.results import read_record, write_json
 from towerspace.towers import TowerSpec, realized_towers
 from towerspace.train import Diverged, Trainer, choose_device, seed_everything
 
@@ -125,7 +125,13 @@ class Trial:
         self.trainer.load_state_dict(state)
         self.record["history"] = list(self.trainer.history)
         self.record["epochs_run"] = len(self.trainer.history)
-        self.record["resumed_at"] = [*self.record.get("resumed_at", []), self.trainer.epoch]
+        before = []
+        if self.record_path.exists():  # earlier resumes of this trial, from its last record
+            try:
+                before = read_record(self.record_path).get("resumed_at", [])
+            except (OSError, ValueError):
+                before = []
+        self.record["resumed_at"] = [*before, self.trainer.epoch]
 
     def epochs(self) -> Iterator[dict[str, float]]:
         """Train to the end, yielding each epoch's metrics; the record follows every epoch."""
