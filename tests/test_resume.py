@@ -19,10 +19,10 @@ SETS = ("train.epochs=8", "model.width=0.125", "model.middle_blocks=1", "seeds=[
 pytestmark = pytest.mark.slow
 
 
-def _sweep(storage: Path, *extra: str) -> subprocess.Popen:
+def _sweep(storage: Path, *extra: str, sets: tuple[str, ...] = SETS) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a local Ray of its own
     argv = [sys.executable, "-m", "towerspace.cli", "sweep", EXPERIMENT, "--storage",
-            str(storage), *[f"--set={s}" for s in SETS], *extra]  # fmt: skip
+            str(storage), *[f"--set={s}" for s in sets], *extra]  # fmt: skip
     log = open(storage / f"log{len(list(storage.glob('log*')))}.txt", "w")  # noqa: SIM115
     return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env,
                             start_new_session=True)  # fmt: skip
@@ -87,3 +87,75 @@ def test_resume_refuses_what_it_cannot_resume(tmp_path):
     (tmp_path / "digits_continuum" / "notes.txt").write_text("not a sweep")
     assert main(["sweep", EXPERIMENT, "--storage", str(tmp_path), "--resume"]) == 2
     assert (tmp_path / "digits_continuum" / "notes.txt").read_text() == "not a sweep"
+
+
+def test_resume_keeps_the_optuna_searchers_state(tmp_path):
+    sets = (*SETS[:-1], "space=per_flow", "space.num_samples=4")
+    first = _sweep(tmp_path, sets=sets)
+    _wait_until_some_finished_and_one_midway(tmp_path, first)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait(timeout=120)
+    before = _records(tmp_path)
+    points_before = {k: json.dumps(r["point"], sort_keys=True) for k, r in before.items()}
+    again = _sweep(tmp_path, "--resume", sets=sets)
+    assert again.wait(timeout=300) == 0, (tmp_path / "log1.txt").read_text()[-3000:]
+    table = results.load(tmp_path / "digits_continuum" / "results.parquet")
+    # the searcher knew what it had proposed: 4 trials in all, not 4 more after the resume
+    assert len(table) == 4 and set(table["status"]) == {"finished"}
+    after = dict(zip(table["trial_id"], table["point"], strict=True))
+    assert all(after[k] == p for k, p in points_before.items())  # the same points continued
+    assert list((tmp_path / "digits_continuum").glob("searcher-state-*.pkl"))
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--set=model.snap=strict", "--set=space=inception_points", "--set=model.match=none"],
+         "{exp}: space inception_points: model.towers=3: entry.block2.convs.0: towers=3 does not "
+         "divide 16 channels; valid: 1, 2, 4, 8, 16"),
+        (["--set=data.name=cifar10", "--set=data.root=nowhere"],
+         "{exp}: data.root: 'nowhere' is not a folder; cifar10 needs its files there (or --set "
+         "data.download=true)"),
+        (["--storage={tmp}/file.txt/runs"],
+         "--storage {tmp}/file.txt/runs: cannot write there ({tmp}/file.txt is not a writable "
+         "folder)"),
+        (["--resume", "--restart"],
+         "--resume and --restart exclude each other: continue, or start over"),
+    ],
+)  # fmt: skip
+def test_bad_input_refused_before_anything_starts(argv, message, tmp_path, capsys, monkeypatch):
+    from towerspace.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "file.txt").write_text("x")
+    args = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    storage = [] if any(a.startswith("--storage") for a in args) else [f"--storage={tmp_path}/s"]
+    assert main(["sweep", EXPERIMENT, *storage, *args]) == 2
+    expected = message.format(exp=EXPERIMENT, tmp=tmp_path)
+    assert capsys.readouterr().err == f"towerspace: error: {expected}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]  # nothing written
+
+
+def test_resume_refuses_a_different_experiment_and_a_damaged_state(tiny_sweep, tmp_path, capsys):
+    import shutil
+
+    from towerspace.cli import main
+
+    shutil.copytree(tiny_sweep.sweep_dir, tmp_path / "digits_continuum")
+    grid = "--set=space.params={model.towers: {grid: [1, 4, depthwise]}}"
+    base = ["sweep", EXPERIMENT, "--storage", str(tmp_path), "--resume",
+            "--set=train.epochs=1", "--set=model.width=0.125", "--set=model.middle_blocks=1",
+            "--set=seeds=[0, 1]", grid]  # fmt: skip
+    assert main([*base[:-2], "--set=seeds=[0, 1, 2]", base[-1]]) == 2
+    assert capsys.readouterr().err == (
+        f"towerspace: error: --resume: {tmp_path}/digits_continuum holds a different experiment "
+        f"(changed: seeds)\n"
+    )
+    for state in (tmp_path / "digits_continuum").glob("experiment_state-*.json"):
+        state.write_text("{ truncated")
+    (tmp_path / "digits_continuum" / "tuner.pkl").write_bytes(b"\x80\x04 not a pickle")
+    assert main(base) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"towerspace: error: --resume: cannot read the Ray Tune state in "
+                          f"{tmp_path}/digits_continuum (")  # fmt: skip
+    assert err.endswith("); pass --restart to start over\n") and err.count("\n") == 1

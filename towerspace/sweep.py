@@ -25,6 +25,7 @@ from ray.tune.search.repeater import TRIAL_INDEX
 
 from towerspace import results
 from towerspace.config import ConfigError, ExperimentConfig, SpaceConfig, apply, to_dict
+from towerspace.models import build_model
 from towerspace.results import write_json
 from towerspace.trial import Trial, provenance
 
@@ -191,8 +192,8 @@ def check_resources(cfg: ExperimentConfig) -> None:
 EXPERIMENT_FILE = "experiment.json"  # the resolved config a sweep was started with
 
 
-def prepare_storage(cfg: ExperimentConfig, storage: Path, restart: bool, resume: bool) -> Path:
-    """The sweep's directory: refuse to overwrite unless asked, and check what a resume finds."""
+def plan_storage(cfg: ExperimentConfig, storage: Path, restart: bool, resume: bool) -> Path:
+    """The sweep's directory, checked but not yet written: refuse what cannot or must not go."""
     sweep_dir = storage / cfg.name
     exists = sweep_dir.is_dir() and any(sweep_dir.iterdir())
     if resume:
@@ -208,14 +209,51 @@ def prepare_storage(cfg: ExperimentConfig, storage: Path, restart: bool, resume:
             f"{sweep_dir}: a sweep named {cfg.name!r} is already there; pass --resume to "
             f"continue it or --restart to replace it (or --storage to write elsewhere)"
         )
+    ancestor = storage
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ConfigError(f"--storage {storage}: cannot write there ({ancestor} is not a "
+                          f"writable folder)")  # fmt: skip
+    return sweep_dir
+
+
+def create_storage(cfg: ExperimentConfig, sweep_dir: Path, restart: bool) -> None:
+    """Write the sweep's folder: replace an old sweep when restarting, record the experiment."""
     try:
-        if exists:
+        if restart and sweep_dir.exists():
             shutil.rmtree(sweep_dir)
         (sweep_dir / results.RECORDS).mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise ConfigError(f"--storage {storage}: cannot write there ({err.strerror})") from None
+        raise ConfigError(f"--storage {sweep_dir.parent}: cannot write there "
+                          f"({err.strerror})") from None  # fmt: skip
     write_json(sweep_dir / EXPERIMENT_FILE, _comparable(cfg))
-    return sweep_dir
+
+
+def preflight(cfg: ExperimentConfig) -> None:
+    """Checks that would otherwise fail inside every trial: data on disk, strict tower counts."""
+    if cfg.data.name not in ("digits", "synthetic") and not cfg.data.download:
+        root = cfg.data.root
+        if root is None or not Path(root).expanduser().is_dir():
+            what = "is not set" if root is None else f"{root!r} is not a folder"
+            raise ConfigError(f"{cfg.source}: data.root: {what}; {cfg.data.name} needs its files "
+                              f"there (or --set data.download=true)")  # fmt: skip
+    for field, point in _points(cfg):
+        try:
+            with torch.device("meta"):  # structure only: no weights allocated
+                build_model(apply(cfg, point).model, in_chans=3, num_classes=10,
+                            image_size=cfg.data.image_size or 32)  # fmt: skip
+        except ValueError as err:
+            raise ConfigError(f"{cfg.source}: {field}: {err}") from None
+
+
+def _points(cfg: ExperimentConfig):
+    """The base model, then each value of each grid or choice parameter on its own."""
+    yield "model", {}
+    for key, domain in cfg.space.params.items():
+        if domain.kind in ("grid", "choice") and key.startswith("model."):
+            for value in domain.values:
+                yield f"space {cfg.space.name}: {key}={value}", {key: value}
 
 
 def _comparable(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -253,12 +291,15 @@ def run_sweep(
     retry_errored: bool = False,
 ) -> SweepOutcome:
     """Run (or resume) every trial of an experiment on Ray Tune and write its results tables."""
+    preflight(cfg)
     storage = Path(storage).resolve()
     if cfg.data.root is not None:  # trials run in their own working directories
         cfg = apply(cfg, {"data.root": str(Path(cfg.data.root).resolve())})
+    sweep_dir = plan_storage(cfg, storage, restart, resume)
     init_ray(address)
     check_resources(cfg)
-    sweep_dir = prepare_storage(cfg, storage, restart, resume)
+    if not resume:
+        create_storage(cfg, sweep_dir, restart)
     records_dir = sweep_dir / results.RECORDS
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=cfg, records=str(records_dir), origin=provenance()),
