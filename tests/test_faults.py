@@ -68,3 +68,18 @@ def test_the_same_experiment_twice_gives_identical_metrics(tmp_path):
         runs.append(history[["towers", "epoch", "train_loss", "val_loss", "val_acc"]])
     assert len(runs[0]) == 4
     assert runs[0].reset_index(drop=True).equals(runs[1].reset_index(drop=True))
+
+
+def test_resume_retries_errored_trials_only_when_asked(tmp_path, capsys):
+    sets = [f"--set={s}" for s in (*TINY, "faults={kind: raise, epoch: 2, times: 1, "
+                                          "point: {model.towers: 1}}")]  # fmt: skip
+    argv = ["sweep", EXPERIMENT, "--storage", str(tmp_path), *sets]
+    assert main(argv) == 1  # the fault strikes once; no retries: an error
+    assert main([*argv, "--resume"]) == 1  # errored trials stay errors by default
+    table = results.load(tmp_path / "digits_continuum").set_index("towers")
+    assert table.loc["1", "status"] == "error"
+    assert main([*argv, "--resume", "--retry-errored"]) == 0  # now retried from its checkpoint
+    table = results.load(tmp_path / "digits_continuum").set_index("towers")
+    assert set(table["status"]) == {"finished"} and len(table) == 2
+    assert table.loc["1", "resumed_at"] == "1" and table.loc["1", "epochs_run"] == 3
+    capsys.readouterr()

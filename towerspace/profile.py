@@ -91,6 +91,7 @@ def block_speed(
             fns[f"{t}/{impl}"] = _layer_step(block, x, backward)
             meta[f"{t}/{impl}"] = (t, impl, block.complexity(size, size))
     times = time_interleaved(fns, dev, repeats, min_time)
+    peaks = {key: _peak_mb(fn, dev) for key, fn in fns.items()}
     rows = []
     for key, (t, impl, cost) in meta.items():
         median = statistics.median(times[key])
@@ -98,10 +99,23 @@ def block_speed(
         rows.append({"towers": t, "group_width": channels // t, "impl": impl,
                      "time_ms": 1e3 * median, "spread": max(times[key]) / min(times[key]),
                      "images_per_s": batch / median, "gflops_per_s": flops / median / 1e9,
-                     "flops": flops, "bytes": _bytes(x, cost, backward)})  # fmt: skip
+                     "peak_mb": peaks[key], "flops": flops,
+                     "bytes": _bytes(x, cost, backward)})  # fmt: skip
     table = pd.DataFrame(rows)
     table["fastest"] = table["time_ms"] == table.groupby("towers")["time_ms"].transform("min")
     return table
+
+
+def _peak_mb(fn: Callable[[], object], device: torch.device) -> float:
+    """Peak memory of one call on CUDA (allocator statistics); NaN on the CPU, which has none."""
+    if device.type != "cuda":
+        return float("nan")
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
 
 
 def _bytes(x: torch.Tensor, cost, backward: bool) -> int:
