@@ -48,14 +48,6 @@ def test_one_row_per_trial_and_parquet_round_trip(sweep_dir):
     assert len(history) == 10 and set(history["epoch"]) == {1, 2}
 
 
-def test_summary_over_seeds_excludes_failed_trials(sweep_dir):
-    summary = results.summary(results.load(sweep_dir))
-    assert list(summary["towers"]) == ["1", "depthwise"]
-    assert list(summary["seeds"]) == [2, 2]
-    assert summary["acc_mean"].tolist() == pytest.approx([0.85, 0.725])
-    assert summary["acc_std"].tolist() == pytest.approx([0.1 / 2**0.5, 0.05 / 2**0.5])
-
-
 def test_damaged_records_are_skipped_and_named(sweep_dir):
     (sweep_dir / "records" / "c.json").write_text('{"trial_id": "c", "status": "fini')
     (sweep_dir / "records" / "z.json").write_text("[1, 2]")

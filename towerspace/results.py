@@ -134,23 +134,3 @@ def load_history(path: str | Path) -> pd.DataFrame:
     if path.suffix == ".parquet":
         return pd.read_parquet(path)
     return history_table(read_records(path))
-
-
-def summary(results: pd.DataFrame) -> pd.DataFrame:
-    """Finished trials by tower point: mean and std of final accuracy over seeds, with costs."""
-    done = results[results["status"] == "finished"]
-    if done.empty:
-        columns = ["towers", "seeds", "acc_mean", "acc_std", "params", "flops", "images_per_s",
-                   "position"]  # fmt: skip
-        return pd.DataFrame(columns=columns)
-    columns = {"seeds": ("seed", "count"), "acc_mean": ("final_val_acc", "mean"),
-               "acc_std": ("final_val_acc", "std"), "params": ("params", "mean"),
-               "flops": ("flops", "mean"), "images_per_s": ("images_per_s", "mean"),
-               "position": ("position", "mean")}  # fmt: skip
-    present = {k: v for k, v in columns.items() if v[0] in done.columns}
-    table = done.groupby("towers", sort=False).agg(**present)
-    table = table.sort_values("position").reset_index()
-    table[["params", "flops"]] = table[["params", "flops"]].round().astype("int64")
-    if "images_per_s" in table:
-        table["images_per_s"] = table["images_per_s"].round(1)
-    return table
