@@ -29,7 +29,8 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 
 lock: $(STAMP)
-	$(BIN)/python -m pip freeze --exclude-editable | grep -v '^towerspace' > requirements.lock.new
+	{ grep '^#' requirements.lock; $(BIN)/python -m pip freeze --exclude-editable \
+		| grep -v '^towerspace'; } > requirements.lock.new
 	mv requirements.lock.new requirements.lock
 
 clean:

@@ -285,6 +285,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly
+        sys.stderr.close()
+        return 0
     except ValueError as err:  # config, data and argument errors are worded for users
         if os.environ.get("TOWERSPACE_DEBUG"):
             raise
