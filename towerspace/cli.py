@@ -85,6 +85,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 1 if outcome.failed else 0
 
 
+def _shown(path: Path) -> Path:
+    """A path as a user would type it: relative to the working directory when below it."""
+    try:
+        return path.resolve().relative_to(Path.cwd())
+    except ValueError:
+        return path
+
+
 def _report(sweep_dir: Path) -> None:
     from towerspace.report import write_report
 
@@ -96,8 +104,10 @@ def _report(sweep_dir: Path) -> None:
                    "images_per_s", "failed"]  # fmt: skip
         shown = report.summary[[c for c in columns if c in report.summary]].round(4)
         _print_table(shown, "final validation accuracy over seeds (95% t-interval), by towers:")
-    print(f"results: {sweep_dir / 'results.parquet'}\nhistory: {sweep_dir / 'history.parquet'}")
-    print("figures:\n" + "\n".join(f"  {p}" for p in report.figures if p.suffix == ".png"))
+    shown = _shown(sweep_dir)
+    print(f"results: {shown / 'results.parquet'}\nhistory: {shown / 'history.parquet'}")
+    pngs = [_shown(p) for p in report.figures if p.suffix == ".png"]
+    print("figures:\n" + "\n".join(f"  {p}" for p in pngs))
 
 
 def cmd_plot(args: argparse.Namespace) -> int:

@@ -547,7 +547,7 @@ def _set_copy(base: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
 SMOKE_OVERRIDES = (
     "train.epochs=1", "train.max_steps=2", "model.width=0.125", "model.middle_blocks=1",
     "data.name=synthetic", "data.root=null", "data.num_samples=64", "resources.gpus=0",
-    "resources.cpus=1", "space.num_samples=2", "scheduler.grace_period=1",
+    "resources.cpus=1", "scheduler.grace_period=1",
 )  # fmt: skip
 
 
@@ -557,7 +557,8 @@ def smoke(cfg: ExperimentConfig) -> ExperimentConfig:
         key: Domain("grid", (d.values[0], d.values[-1])) if d.kind == "grid" else d
         for key, d in cfg.space.params.items()
     }
-    space = dataclasses.replace(cfg.space, params=params)
+    samples = 1 if cfg.space.searcher == "grid" else min(2, cfg.space.num_samples)
+    space = dataclasses.replace(cfg.space, params=params, num_samples=samples)
     data = dataclasses.replace(cfg.data, image_size=min(cfg.data.image_size or 16, 32))
     return dataclasses.replace(cfg, space=space, data=data, seeds=cfg.seeds[:1])
 

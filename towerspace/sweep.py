@@ -308,8 +308,12 @@ def run_sweep(
     total = count_trials(cfg.space, cfg.seeds)
     cluster = ray.cluster_resources()
     verb = "resuming" if resume else "running"
+    try:
+        shown = sweep_dir.relative_to(Path.cwd())
+    except ValueError:
+        shown = sweep_dir
     print(f"{cfg.name}: {verb} {total} trials on {cluster.get('CPU', 0):g} CPUs and "
-          f"{cluster.get('GPU', 0):g} GPUs, in {sweep_dir}", flush=True)  # fmt: skip
+          f"{cluster.get('GPU', 0):g} GPUs, in {shown}", flush=True)  # fmt: skip
     if resume:
         tuner = _restore(sweep_dir, trainable, cfg, retry_errored)
     else:
