@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -154,6 +154,7 @@ class TowerConv2d(nn.Module):
         padding: int | None = None,
         bias: bool = False,
         impl: str = "native",
+        between: nn.Module | None = None,
     ) -> None:
         super().__init__()
         _check_choice("impl", impl, IMPL_NAMES)
@@ -162,6 +163,8 @@ class TowerConv2d(nn.Module):
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if between is not None and mid != "none":
+            raise ValueError(f"give mid='none' with a between module, got mid={mid!r}")
         if group_width is not None:
             towers = None
         spatial = in_channels if order == "spatial_first" else out_channels
@@ -185,7 +188,9 @@ class TowerConv2d(nn.Module):
         self.pointwise = nn.Conv2d(
             in_channels, out_channels, 1, bias=bias and order == "spatial_first"
         )
-        self.between = _mid_module(mid, spatial)
+        # between: any channel-preserving module (towerize moves a network's own BN, ReLU, SE here)
+        self.custom_between = between is not None
+        self.between = between if between is not None else _mid_module(mid, spatial)
 
     @property
     def group_width(self) -> int:
@@ -215,7 +220,7 @@ class TowerConv2d(nn.Module):
 
     def complexity(self, height: int, width: int) -> Complexity:
         """Parameters and FLOPs per image for an input of height × width."""
-        return tower_complexity(
+        cost = tower_complexity(
             self.in_channels,
             self.out_channels,
             height,
@@ -229,6 +234,15 @@ class TowerConv2d(nn.Module):
             mid=self.mid,
             bias=self.bias is not None,
         )
+        return replace(cost, params=cost.params + self._extra_params())
+
+    def _extra_params(self) -> int:
+        """Parameters the formula cannot know: a custom between module, a bias before the 1×1."""
+        early_bias = self.spatial.bias if self.order == "spatial_first" else self.pointwise.bias
+        extra = 0 if early_bias is None else early_bias.numel()
+        if self.custom_between:
+            extra += sum(p.numel() for p in self.between.parameters())
+        return extra
 
     @property
     def bias(self) -> nn.Parameter | None:
@@ -240,6 +254,10 @@ class TowerConv2d(nn.Module):
         """The block's composed dense k×k kernel, shape (out, in, k, k); needs mid='none'."""
         if self.mid != "none":
             raise ValueError(f"as_conv2d() needs mid='none' (a linear block), got mid={self.mid!r}")
+        if self.custom_between and not isinstance(self.between, nn.Identity):
+            raise ValueError(
+                f"as_conv2d() needs a linear block, got between={type(self.between).__name__}"
+            )
         spatial = expand_grouped(self.spatial.weight, self.towers)  # (C, C, k, k)
         pointwise = self.pointwise.weight[:, :, 0, 0]  # (out, in)
         if self.order == "spatial_first":
@@ -272,6 +290,30 @@ class TowerConv2d(nn.Module):
             f"stride={self.stride}, towers={self.towers}, group_width={self.group_width}, "
             f"order={self.order}, mid={self.mid}"
         )
+
+
+def regroup_weight(weight: torch.Tensor, from_towers: int, to_towers: int) -> torch.Tensor:
+    """A grouped k×k kernel (C, C/from_towers, k, k) re-cut into to_towers towers.
+
+    Exact (the same function) when to_towers divides from_towers: every old tower lies inside
+    a new one, so the old kernel is embedded block-diagonally with zeros around it. Otherwise
+    the entries that fall outside the new towers are dropped (a projection, not exact).
+    """
+    channels = weight.shape[0]
+    for name, towers in (("from_towers", from_towers), ("to_towers", to_towers)):
+        if isinstance(towers, bool) or not isinstance(towers, int) or towers < 1:
+            raise ValueError(f"{name} must be a positive int, got {towers!r}")
+        if channels % towers:
+            raise ValueError(f"{name}={towers} does not divide the kernel's {channels} channels")
+    if weight.shape[1] * from_towers != channels:
+        raise ValueError(
+            f"a kernel of shape {tuple(weight.shape)} does not have {from_towers} towers"
+        )
+    dense = expand_grouped(weight, from_towers)  # (C, C, k, k)
+    width = channels // to_towers
+    rows = torch.arange(channels, device=weight.device)
+    columns = (rows // width * width)[:, None] + torch.arange(width, device=weight.device)
+    return dense[rows[:, None], columns]
 
 
 def _mid_module(mid: str, channels: int) -> nn.Module:

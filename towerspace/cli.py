@@ -1,4 +1,4 @@
-"""`towerspace sweep | plot | profile | blocks | models`: thin commands that delegate."""
+"""`towerspace sweep | estimate | plot | profile | blocks | models`: thin, parse and delegate."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TextIO
 
 import pandas as pd
 
@@ -14,6 +15,10 @@ from towerspace import tables
 from towerspace.block import MIDS, ORDERS
 from towerspace.budget import MATCHES
 from towerspace.models.xception import STEMS
+from towerspace.train import DEVICES, choose_device
+
+CONFIRM_HOURS = 24.0  # a sweep estimated above this many device-hours asks before it starts
+CONFIRM_ENV = "TOWERSPACE_CONFIRM_HOURS"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -28,6 +33,16 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
     return value
 
 
@@ -63,18 +78,27 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_sweep(args: argparse.Namespace) -> int:
-    """Run an experiment's sweep on Ray Tune and print where its results are."""
+def _experiment(args: argparse.Namespace):
+    """The experiment a command names, with its --set overrides, cut down by --smoke."""
     from towerspace import config  # config loads fast; Ray loads with the sweep module only
 
     overrides = [*(config.SMOKE_OVERRIDES if args.smoke else ()), *args.set]
     cfg = config.load_experiment(args.experiment, overrides)
-    cfg = config.smoke(cfg) if args.smoke else cfg
+    return config.smoke(cfg) if args.smoke else cfg
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """Run an experiment's sweep on Ray Tune and print where its results are."""
+    cfg = _experiment(args)
     storage = Path(args.storage or cfg.storage or "runs")
+    threshold = _confirm_threshold(args.confirm_above)
     from towerspace import sweep
 
     if args.resume and args.restart:
         raise ValueError("--resume and --restart exclude each other: continue, or start over")
+    if not args.resume:  # a resumed sweep was confirmed when it started
+        sweep.preflight(cfg)  # data on disk and tower counts, before the estimate counts them
+        _confirm_cost(cfg, args.throughput, threshold, yes=args.yes, stdin=sys.stdin)
     outcome = sweep.run_sweep(
         cfg, storage=storage, address=args.address, restart=args.restart, resume=args.resume,
         retry_errored=args.retry_errored,
@@ -83,6 +107,128 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     print(f"\n{cfg.name}: {sum(outcome.statuses.values())} trials ({counts})")
     _report(outcome.sweep_dir)
     return 1 if outcome.failed else 0
+
+
+def _confirm_threshold(option: float | None) -> float:
+    """Device-hours above which a sweep asks: --confirm-above, else the environment, else 24."""
+    if option is not None:
+        return option
+    text = os.environ.get(CONFIRM_ENV, str(CONFIRM_HOURS))
+    try:
+        hours = float(text)
+    except ValueError:
+        hours = -1.0
+    if not hours >= 0:
+        raise ValueError(f"{CONFIRM_ENV}={text}: not allowed; allowed: a number of hours >= 0")
+    return hours
+
+
+def _confirm_cost(
+    cfg, throughput: str | None, threshold: float, *, yes: bool, stdin: TextIO
+) -> None:
+    """Print a sweep's estimated cost; above the threshold, ask on a terminal or refuse."""
+    from towerspace import estimate
+
+    table = estimate.cost_table(cfg, estimate.sizes_or_given(cfg))
+    if throughput is not None:
+        rates = estimate.rates_for(table, estimate.read_throughput(throughput))
+        table = estimate.add_hours(table, cfg, rates)
+    print(f"{cfg.name}: estimate: {estimate.summary_line(table, cfg)}", flush=True)
+    hours = estimate.total_hours(table, cfg)
+    hours = estimate.lower_bound_hours(table, cfg) if hours is None else hours
+    if yes or hours <= threshold:
+        return
+    spent = f"{cfg.name}: {estimate.number(hours)} {estimate.device_kind(cfg).upper()}-hours"
+    if not stdin.isatty():
+        raise ValueError(f"{spent} is above the confirmation threshold of {threshold:g} "
+                         f"(--confirm-above, {CONFIRM_ENV}) and stdin is not a terminal to ask "
+                         f"on; pass --yes to launch")  # fmt: skip
+    print(f"{spent} is above {threshold:g}: launch? [y/N] ", end="", flush=True)
+    if stdin.readline().strip().lower() not in ("y", "yes"):
+        raise ValueError(f"{cfg.name}: not launched (answered no)")
+
+
+def cmd_estimate(args: argparse.Namespace) -> int:
+    """Cost of every point of an experiment before it runs: a table, totals and a CSV."""
+    from towerspace import estimate
+
+    if args.measure and args.throughput:
+        raise ValueError("--measure and --throughput exclude each other: time the steps here, "
+                         "or take the figures from a file")  # fmt: skip
+    _check_device(args.device)
+    out = Path(args.out) if args.out else None
+    if out is not None and not out.parent.is_dir():
+        raise ValueError(f"--out {out}: {out.parent} is not a folder")
+    cfg = _experiment(args)
+    sizes = estimate.sizes_or_given(cfg, args.train_images, args.classes)
+    rates = estimate.read_throughput(args.throughput) if args.throughput else None
+    table = estimate.cost_table(cfg, sizes)
+    if args.measure:
+        measured = estimate.measure(cfg, sizes, args.device)
+        table = estimate.add_hours(table, cfg, list(measured["images_per_s"]))
+        if "peak_memory_mb" in measured:
+            table["peak_memory_mb"] = measured["peak_memory_mb"].to_numpy()
+    elif rates is not None:
+        table = estimate.add_hours(table, cfg, estimate.rates_for(table, rates))
+    if args.gpu_price is not None and "gpu_hours" in table:
+        table["cost_usd"] = table["gpu_hours"] * args.gpu_price
+    _print_estimate(table, cfg, sizes, args)
+    out = out or Path(f"{cfg.name}_estimate.csv")
+    table.to_csv(out, index=False)
+    print(f"wrote: {out}")
+    return 0
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is visible here (allowed: cpu)")
+
+
+def _print_estimate(table: pd.DataFrame, cfg, sizes, args: argparse.Namespace) -> None:
+    from towerspace import estimate
+
+    res, space, train = cfg.resources, cfg.space, cfg.train
+    seeds = f"{len(cfg.seeds)} seed{'s' if len(cfg.seeds) > 1 else ''}"
+    rows = f"{len(table)} points" if space.searcher == "grid" else "the base model"
+    each = f"{seeds} x {space.num_samples} samples" if space.num_samples > 1 else seeds
+    steps = f", at most {train.max_steps} steps of" if train.max_steps else ","
+    print(f"{cfg.name}: space {space.name} ({space.searcher}), {rows} x {each}; "
+          f"{sizes.train_images:,} train images x {train.epochs} epochs{steps} batch "
+          f"{train.batch_size}, {sizes.image_size} px; per trial {res.workers} x "
+          f"({res.gpus:g} GPU, {res.cpus:g} CPUs); training FLOPs = 3x forward")  # fmt: skip
+    with pd.option_context("display.width", 200, "display.max_columns", 30):
+        print(table.to_string(index=False, float_format=estimate.number))
+    cost = f", {estimate.number(table['cost_usd'].sum())} USD" if "cost_usd" in table else ""
+    print(f"total: {estimate.summary_line(table, cfg)}{cost}")
+    if "images_per_s" not in table:
+        print(estimate.hours_hint())
+    elif table["images_per_s"].isna().any():
+        missing = ", ".join(table.loc[table["images_per_s"].isna(), "towers"].astype(str))
+        print(f"no throughput in {args.throughput} for towers: {missing} (their hours are empty)")
+    if args.measure:
+        device = choose_device(args.device).type
+        print(f"measured: {estimate.TIMED_STEPS} training steps per point after "
+              f"{estimate.WARMUP_STEPS} warm-up steps, on {device}; memory_mb_est is a "
+              f"formula, peak_memory_mb (CUDA only) is measured")  # fmt: skip
+        if cfg.data.name == "imagefolder" and args.train_images is None:
+            _print_loader_speed(cfg, args.device)
+
+
+def _print_loader_speed(cfg, device: str) -> None:
+    """The data path alone: what the DataLoader workers of one trial deliver."""
+    import dataclasses
+
+    from towerspace import data as datasets
+
+    workers = datasets.loader_workers(cfg.resources.cpus)
+    data_cfg = dataclasses.replace(cfg.data, stream="always")
+    bundle = datasets.load(data_cfg, device=device, num_workers=workers)
+    speed = datasets.loader_throughput(bundle.train, cfg.train.batch_size)
+    print(f"data path: {speed['workers']} DataLoader workers deliver "
+          f"{speed['images_per_s']:,.0f} train images/s "
+          f"({speed['images_per_s_per_worker']:,.0f} per worker)")  # fmt: skip
 
 
 def _shown(path: Path) -> Path:
@@ -214,7 +360,57 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="tiny, synthetic-data, CPU-only run of the experiment (seconds)",
     )
+    sweep.add_argument(
+        "--yes",
+        action="store_true",
+        help="launch without asking, whatever the estimated cost",
+    )
+    sweep.add_argument(
+        "--confirm-above",
+        type=_non_negative_float,
+        default=None,
+        metavar="HOURS",
+        help=f"ask before launching a sweep estimated above this many device-hours (default: "
+        f"{CONFIRM_ENV}, else {CONFIRM_HOURS:g}); without a terminal, refuse instead",
+    )
+    sweep.add_argument(
+        "--throughput",
+        default=None,
+        metavar="FILE.csv",
+        help="images/s per tower count (columns towers,images_per_s) for the estimate's hours "
+        "(default: a lower bound from FLOPs)",
+    )
     sweep.set_defaults(func=cmd_sweep)
+
+    est = sub.add_parser("estimate", help="an experiment's cost per point, before it runs")
+    est.add_argument(
+        "experiment", help="an experiment file, e.g. experiments/imagenet_xception.yaml"
+    )
+    est.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a field, as for sweep (repeatable)")  # fmt: skip
+    est.add_argument("--smoke", action="store_true", help="the experiment as --smoke runs it")
+    est.add_argument(
+        "--measure",
+        action="store_true",
+        help="time a few training steps of every point here (after a warm-up) for images/s",
+    )
+    est.add_argument(
+        "--throughput",
+        default=None,
+        metavar="FILE.csv",
+        help="images/s per tower count measured elsewhere (columns towers,images_per_s)",
+    )
+    est.add_argument("--device", choices=("auto", *DEVICES[1:]), default="auto",
+                     help="--measure: where to time the steps (auto: cuda if present)")  # fmt: skip
+    est.add_argument("--out", default=None, metavar="FILE.csv",
+                     help="the table as CSV (default: <name>_estimate.csv)")  # fmt: skip
+    est.add_argument("--gpu-price", type=_non_negative_float, default=None, metavar="USD",
+                     help="price of a GPU-hour: adds a cost column")  # fmt: skip
+    est.add_argument("--train-images", type=_positive_int, default=None,
+                     help="imagefolder not here: train images (ImageNet-1k: 1281167)")  # fmt: skip
+    est.add_argument("--classes", type=_positive_int, default=None,
+                     help="imagefolder not here: classes (ImageNet-1k: 1000)")  # fmt: skip
+    est.set_defaults(func=cmd_estimate)
 
     plot = sub.add_parser("plot", help="rebuild a sweep's tables and draw its figures")
     plot.add_argument("results_dir", help="a sweep's folder, e.g. runs/digits_continuum")

@@ -18,6 +18,7 @@ import yaml
 
 from towerspace.data import DataConfig
 from towerspace.models import ModelConfig
+from towerspace.models.builders import TORCHVISION, split_builder
 from towerspace.towers import TowerSpec
 from towerspace.train import TrainConfig
 
@@ -38,10 +39,12 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ResourcesConfig:
-    """What one trial takes from the Ray cluster."""
+    """What one trial takes from the Ray cluster: `workers` data-parallel workers, each `cpus`
+    CPUs and `gpus` GPUs (a single-worker trial is one worker)."""
 
-    cpus: float = field(default=1.0, metadata={"gt": 0.0})  # also its torch threads, rounded up
-    gpus: float = field(default=0.0, metadata={"min": 0.0})  # fractions pack trials on a GPU
+    cpus: float = field(default=1.0, metadata={"gt": 0.0})  # per worker; also its torch threads
+    gpus: float = field(default=0.0, metadata={"min": 0.0})  # per worker; fractions pack trials
+    workers: int = field(default=1, metadata={"min": 1, "max": 1024})  # >1: Ray Train DDP
 
 
 @dataclass(frozen=True)
@@ -463,10 +466,51 @@ def _validate(raw: dict[str, Any], where: str, space_file: str) -> ExperimentCon
     if cfg.scheduler.name == "asha" and cfg.scheduler.grace_period > cfg.train.epochs:
         _fail(where, "scheduler.grace_period", f"{cfg.scheduler.grace_period} is more than "
                                                f"train.epochs ({cfg.train.epochs})")  # fmt: skip
+    _check_workers(cfg, where)
     _check_towers(cfg, where)
+    _check_model(cfg.model, where)
     _check_params(cfg.space, space_file)
     _check_space_values(cfg, space_file)
     return cfg
+
+
+def _check_workers(cfg: ExperimentConfig, where: str) -> None:
+    """Data-parallel trials: whole GPUs per worker, a batch that splits, no fault injection."""
+    res = cfg.resources
+    if res.workers == 1:
+        return
+    if res.gpus not in (0, 1):
+        _fail(where, "resources.gpus", f"{_show(res.gpus)} per worker with workers="
+                                       f"{res.workers}; data-parallel workers each take one "
+                                       f"whole GPU or none (allowed: 0, 1)")  # fmt: skip
+    if cfg.train.batch_size % res.workers:
+        _fail(where, "train.batch_size", f"{cfg.train.batch_size} does not split evenly over "
+                                         f"resources.workers={res.workers} (the global batch "
+                                         f"is divided among the workers)")  # fmt: skip
+    if cfg.faults.kind is not None:
+        _fail(where, "faults", "fault injection runs in single-worker trials only "
+                               "(resources.workers: 1)")  # fmt: skip
+
+
+def _check_model(model: ModelConfig, where: str) -> None:
+    """The builder a custom model needs, and no budget matching without a width knob."""
+    if model.name == "custom" and model.builder is None:
+        _fail(where, "model.builder", "missing; model.name 'custom' needs one: "
+                                      "'path/to/file.py:function'")  # fmt: skip
+    if model.name != "custom" and model.builder is not None:
+        _fail(where, "model.builder", f"{_show(model.builder)} is only used with model.name "
+                                      f"'custom' (got {_show(model.name)})")  # fmt: skip
+    if model.builder is not None:
+        try:
+            path, _ = split_builder(model.builder)
+        except ValueError as err:
+            _fail(where, "model.builder", str(err))
+        if not path.is_file():
+            _fail(where, "model.builder", f"{_show(model.builder)}: no such file {path} (relative "
+                                          f"to the working directory)")  # fmt: skip
+    if model.match != "none" and model.name in TORCHVISION and "resnet" in model.name:
+        _fail(where, "model.match", f"{_show(model.match)}: {model.name} has no width knob to "
+                                    f"match a budget with (allowed: none)")  # fmt: skip
 
 
 def _check_towers(cfg: ExperimentConfig, where: str) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +15,18 @@ from torch import Tensor
 
 NAMES = ("digits", "mnist", "cifar10", "cifar100", "imagefolder", "synthetic")
 AUGMENTS = ("auto", "none", "crop", "crop_flip")
+STREAMS = ("auto", "always", "never")
 TENSOR_LIMIT = 20_000  # image folders up to this many images are decoded once and held as tensors
+PREFETCH = 4  # batches each DataLoader worker keeps ready (torch's default is 2)
+CROP_FRACTION = 0.875  # validation: centre crop of this fraction (TF-slim Inception, 299 of 342)
+# Keras' Xception scales pixels to [-1, 1] ("tf" mode): mean 0.5 and std 0.5 per channel
+STREAM_MEAN, STREAM_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+# data sets of known size (the torchvision train and test splits): train, val, classes, channels, px
+KNOWN_SIZES = {
+    "mnist": (60_000, 10_000, 10, 1, 28),
+    "cifar10": (50_000, 10_000, 10, 3, 32),
+    "cifar100": (50_000, 10_000, 100, 3, 32),
+}
 # what each data set needs on disk, for the error that says how to get it
 EXPECTED = {
     "mnist": "MNIST/raw/",
@@ -40,6 +54,20 @@ class DataConfig:
     channels: int = field(default=3, metadata={"min": 1})  # synthetic: channels
     num_classes: int = field(default=10, metadata={"min": 2})  # synthetic: classes
     split_seed: int = 0  # the train/val split, the same for every trial of a sweep
+    # imagefolder: always streams through DataLoader workers; never decodes once into tensors;
+    # auto streams trees of more than TENSOR_LIMIT images
+    stream: str = field(default="auto", metadata={"choices": STREAMS})
+
+
+@dataclass(frozen=True)
+class DataSizes:
+    """What a data set holds, counted without decoding: split sizes and the model's input."""
+
+    train_images: int
+    val_images: int
+    num_classes: int
+    in_chans: int
+    image_size: int
 
 
 class TensorBatches:
@@ -101,13 +129,42 @@ class TensorBatches:
 
 
 class LoaderBatches:
-    """A streaming data set (large image folders) behind the same batches() interface."""
+    """A streaming data set (large image folders) behind the same batches() interface.
 
-    def __init__(self, dataset: torch.utils.data.Dataset, num_workers: int, pin_memory: bool):
-        self.dataset, self.num_workers, self.pin_memory = dataset, num_workers, pin_memory
+    DataLoader workers decode and augment to uint8; batches are moved to the trial's device
+    and normalised there, so the host does no float work. Workers persist across epochs.
+    """
+
+    def __init__(
+        self,
+        dataset: torch.utils.data.Dataset,
+        *,
+        num_workers: int,
+        device: torch.device,
+        mean: tuple[float, ...] = STREAM_MEAN,
+        std: tuple[float, ...] = STREAM_STD,
+    ) -> None:
+        self.dataset, self.num_workers, self.device = dataset, num_workers, device
+        self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
+        self.loaders: dict[tuple, torch.utils.data.DataLoader] = {}
 
     def __len__(self) -> int:
         return len(self.dataset)
+
+    def loader(
+        self, batch_size: int, shuffle: bool, generator: torch.Generator | None, drop_last: bool
+    ) -> torch.utils.data.DataLoader:
+        """The DataLoader for one way of batching, kept so that its workers persist."""
+        key = (batch_size, shuffle, id(generator), drop_last)  # it holds generator: ids stay
+        if key not in self.loaders:
+            workers = self.num_workers
+            self.loaders[key] = torch.utils.data.DataLoader(
+                self.dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
+                num_workers=workers, pin_memory=self.device.type == "cuda", drop_last=drop_last,
+                persistent_workers=workers > 0, prefetch_factor=PREFETCH if workers else None,
+            )  # fmt: skip
+        return self.loaders[key]
 
     def batches(
         self,
@@ -118,13 +175,10 @@ class LoaderBatches:
         train: bool = False,
         drop_last: bool = False,
     ) -> Iterator[tuple[Tensor, Tensor]]:
-        """(images, labels) batches from DataLoader workers (augmentation is in the dataset)."""
-        loader = torch.utils.data.DataLoader(
-            self.dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
-            num_workers=self.num_workers, pin_memory=self.pin_memory, drop_last=drop_last,
-            persistent_workers=False,
-        )  # fmt: skip
-        yield from loader
+        """(images, labels) batches on the device, normalised (augmentation is in the dataset)."""
+        for x, y in self.loader(batch_size, shuffle, generator, drop_last):
+            x = x.to(self.device, non_blocking=True).float().div_(255.0)
+            yield x.sub_(self.mean).div_(self.std), y.to(self.device, non_blocking=True)
 
 
 Batches = TensorBatches | LoaderBatches
@@ -140,6 +194,33 @@ class DataBundle:
     num_classes: int
     in_chans: int
     image_size: int
+
+
+def loader_workers(cpus: float) -> int:
+    """DataLoader workers for a trial of this many CPUs: all but the training loop's, at least 1."""
+    return max(1, math.ceil(cpus) - 1)
+
+
+def loader_throughput(batches: LoaderBatches, batch_size: int, num_batches: int = 8) -> dict:
+    """Images per second the data path alone delivers (decode, augment, copy, normalise).
+
+    Timed after a first batch, which starts the workers; train=True, as in an epoch.
+    """
+    stream = batches.batches(batch_size, shuffle=True, train=True, drop_last=True)
+    next(stream, None)
+    seen, start = 0, time.perf_counter()
+    for i, (x, _) in enumerate(stream):
+        seen += len(x)
+        if i + 1 == num_batches:
+            break
+    if batches.device.type == "cuda":
+        torch.cuda.synchronize(batches.device)
+    per_s = seen / max(time.perf_counter() - start, 1e-9)
+    if not seen:
+        raise ValueError(f"loader_throughput: the split holds fewer than 2 batches of {batch_size}")
+    workers = batches.num_workers
+    return {"workers": workers, "images_per_s": per_s,
+            "images_per_s_per_worker": per_s / max(workers, 1)}  # fmt: skip
 
 
 def load(cfg: DataConfig, device: torch.device | str = "cpu", num_workers: int = 2) -> DataBundle:
@@ -259,8 +340,8 @@ def _imagefolder(cfg: DataConfig, num_workers: int, device: torch.device) -> Dat
     if cfg.image_size is None:
         raise DataError("data.image_size: imagefolder needs an image size (e.g. 224 or 299)")
     size = cfg.image_size
-    val_tf = v2.Compose([v2.ToImage(), v2.Resize(int(size * 1.14)), v2.CenterCrop(size),
-                         v2.ToDtype(torch.uint8, scale=True)])  # fmt: skip
+    val_tf = v2.Compose([v2.ToImage(), v2.Resize(round(size / CROP_FRACTION)),
+                         v2.CenterCrop(size), v2.ToDtype(torch.uint8, scale=True)])  # fmt: skip
     split_dirs = (root / "train", root / "val")
     try:
         if all(d.is_dir() for d in split_dirs):
@@ -271,7 +352,7 @@ def _imagefolder(cfg: DataConfig, num_workers: int, device: torch.device) -> Dat
         raise DataError(f"data.root: no class folders of images under {str(root)!r} "
                         f"({err})") from None  # fmt: skip
     total = sum(len(p) for p in parts)
-    if total > TENSOR_LIMIT:
+    if cfg.stream == "always" or (cfg.stream == "auto" and total > TENSOR_LIMIT):
         return _stream_imagefolder(cfg, parts, num_workers, device)
     stacked = [_decode_all(p, num_workers) for p in parts]
     classes = len(parts[0].classes)
@@ -286,33 +367,85 @@ def _decode_all(dataset, num_workers: int) -> tuple[Tensor, Tensor]:
     return torch.cat(xs), torch.cat(ys)
 
 
-def _stream_imagefolder(cfg, parts, num_workers: int, device: torch.device) -> DataBundle:
-    """ImageNet-scale trees: decode in DataLoader workers, random-resized-crop and flip."""
-    import torchvision
+def stream_transforms(size: int) -> tuple:
+    """(train, val) transforms to uint8: Inception-style random-resized crop and flip; resize
+    and centre crop (CROP_FRACTION). Normalisation happens on the device (LoaderBatches)."""
     from torchvision.transforms import v2
 
-    size = cfg.image_size
-    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]  # ImageNet statistics
-    train_tf = v2.Compose([v2.ToImage(), v2.RandomResizedCrop(size, antialias=True),
-                           v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True),
-                           v2.Normalize(mean, std)])  # fmt: skip
-    val_tf = v2.Compose([v2.ToImage(), v2.Resize(int(size * 1.14)), v2.CenterCrop(size),
-                         v2.ToDtype(torch.float32, scale=True),
-                         v2.Normalize(mean, std)])  # fmt: skip
+    to_uint8 = v2.ToDtype(torch.uint8, scale=True)
+    train = v2.Compose([v2.ToImage(), v2.RandomResizedCrop(size, antialias=True),
+                        v2.RandomHorizontalFlip(), to_uint8])  # fmt: skip
+    val = v2.Compose([v2.ToImage(), v2.Resize(round(size / CROP_FRACTION), antialias=True),
+                      v2.CenterCrop(size), to_uint8])  # fmt: skip
+    return train, val
+
+
+def _stream_imagefolder(cfg, parts, num_workers: int, device: torch.device) -> DataBundle:
+    """ImageNet-scale trees: decode and augment in DataLoader workers, normalise on the device."""
+    from torchvision.datasets import ImageFolder
+
+    train_tf, val_tf = stream_transforms(cfg.image_size)
     if len(parts) == 2:
-        train = torchvision.datasets.ImageFolder(parts[0].root, transform=train_tf)
-        val = torchvision.datasets.ImageFolder(parts[1].root, transform=val_tf)
+        train = ImageFolder(parts[0].root, transform=train_tf)
+        val = ImageFolder(parts[1].root, transform=val_tf)
     else:
         labels = torch.tensor(parts[0].targets)
         train_idx, val_idx = _split(labels, cfg.val_fraction, cfg.split_seed)
-        train = torch.utils.data.Subset(
-            torchvision.datasets.ImageFolder(parts[0].root, transform=train_tf), train_idx
-        )
-        val = torch.utils.data.Subset(
-            torchvision.datasets.ImageFolder(parts[0].root, transform=val_tf), val_idx
-        )
-    pin = device.type == "cuda"
-    channels = 3
-    return DataBundle(cfg.name, LoaderBatches(train, num_workers, pin),
-                      LoaderBatches(val, num_workers, pin), len(parts[0].classes), channels,
-                      size)  # fmt: skip
+        train = torch.utils.data.Subset(ImageFolder(parts[0].root, transform=train_tf), train_idx)
+        val = torch.utils.data.Subset(ImageFolder(parts[0].root, transform=val_tf), val_idx)
+    return DataBundle(
+        cfg.name,
+        LoaderBatches(train, num_workers=num_workers, device=device),
+        LoaderBatches(val, num_workers=num_workers, device=device),
+        len(parts[0].classes),
+        3,
+        cfg.image_size,
+    )
+
+
+# ---------------------------------------------------------------- sizes without decoding
+
+
+def split_sizes(class_counts: list[int], val_fraction: float) -> tuple[int, int]:
+    """(train, val) images of a stratified split, as _split() makes it."""
+    val = sum(max(1, round(n * val_fraction)) for n in class_counts)
+    return sum(class_counts) - val, val
+
+
+def _count_images(folder: Path) -> list[int]:
+    """Images per class folder, by file name (as ImageFolder finds them), without decoding."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    classes = sorted(e.path for e in os.scandir(folder) if e.is_dir())
+    counts = []
+    for path in classes:
+        files = (f for _, _, names in os.walk(path, followlinks=True) for f in names)
+        counts.append(sum(f.lower().endswith(IMG_EXTENSIONS) for f in files))
+    return counts
+
+
+def _imagefolder_sizes(cfg: DataConfig) -> DataSizes:
+    root = _root(cfg)
+    if cfg.image_size is None:
+        raise DataError("data.image_size: imagefolder needs an image size (e.g. 224 or 299)")
+    if (root / "train").is_dir() and (root / "val").is_dir():
+        train, val = _count_images(root / "train"), _count_images(root / "val")
+        counts = (sum(train), sum(val))
+    else:
+        train = _count_images(root)
+        counts = split_sizes(train, cfg.val_fraction)
+    if not sum(train):
+        raise DataError(f"data.root: no class folders of images under {str(root)!r}")
+    return DataSizes(*counts, len(train), 3, cfg.image_size)
+
+
+def sizes(cfg: DataConfig) -> DataSizes:
+    """Split sizes, classes, channels and image size of a data set, without decoding images."""
+    if cfg.name in KNOWN_SIZES:
+        train, val, classes, chans, native = KNOWN_SIZES[cfg.name]
+        return DataSizes(train, val, classes, chans, cfg.image_size or native)
+    if cfg.name == "imagefolder":
+        return _imagefolder_sizes(cfg)
+    bundle = load(cfg, num_workers=0)  # digits and synthetic: small, in memory, exact
+    return DataSizes(len(bundle.train), len(bundle.val), bundle.num_classes, bundle.in_chans,
+                     bundle.image_size)  # fmt: skip

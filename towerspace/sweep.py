@@ -17,15 +17,26 @@ from typing import Any
 import pandas as pd
 import ray
 import torch
-from ray import tune
+from ray import train, tune
+from ray.train.torch import TorchTrainer
+from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import Repeater
 from ray.tune.search.optuna import OptunaSearch
 from ray.tune.search.repeater import TRIAL_INDEX
 
+from towerspace import data as datasets
 from towerspace import results
-from towerspace.config import ConfigError, ExperimentConfig, SpaceConfig, apply, to_dict
+from towerspace.config import (
+    ConfigError,
+    ExperimentConfig,
+    SpaceConfig,
+    apply,
+    from_dict,
+    to_dict,
+)
 from towerspace.models import build_model
+from towerspace.models.builders import absolute_builder
 from towerspace.results import write_json
 from towerspace.trial import Trial, provenance
 
@@ -37,6 +48,8 @@ DOMAINS = {
     "grid": lambda v: tune.grid_search(list(v)),
 }
 SEARCHER_SEED = 0  # Optuna's sampler seed: the same experiment proposes the same points
+DRIVER_MEMORY = 256 * 2**20  # bytes Tune reserves for a data-parallel trial's driver
+TRAIN_RUNS = "train"  # a sweep's folder for the Ray Train runs of its data-parallel trials
 
 
 @dataclass(frozen=True)
@@ -125,33 +138,79 @@ def run_trial(config: dict[str, Any], *, base: ExperimentConfig, records: str, o
     """Ray Tune's trainable: a thin adapter that reports each epoch with a checkpoint."""
     point = {k: v for k, v in config.items() if k not in ("seed", TRIAL_INDEX)}
     seed = config["seed"] if "seed" in config else base.seeds[config.get(TRIAL_INDEX, 0)]
-    torch.set_num_threads(max(1, math.ceil(base.resources.cpus)))
     trial_id = tune.get_context().get_trial_id()
-    done = _finished_record(Path(records) / f"{trial_id}.json")
+    record_path = Path(records) / f"{trial_id}.json"
+    done = _finished_record(record_path)
     if done is not None:  # finished before a kill that Ray's saved state did not see: keep it
         tune.report(done["history"][-1])
         return
-    trial = Trial(
-        apply(base, point), seed=seed, trial_id=trial_id, point=point,
-        record_path=Path(records) / f"{trial_id}.json", origin=origin,
-    )  # fmt: skip
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            trial.load_checkpoint(Path(directory))
+    cfg = apply(base, point)
+    job = {"seed": seed, "trial_id": trial_id, "point": point, "record_path": record_path,
+           "origin": origin}  # fmt: skip
+    if cfg.resources.workers > 1:
+        _run_data_parallel(cfg, job)
+        return
+    torch.set_num_threads(max(1, math.ceil(cfg.resources.cpus)))
+    trial = Trial(cfg, **job)
     try:
-        for metrics in trial.epochs():
-            with tempfile.TemporaryDirectory() as directory:
-                trial.save_checkpoint(Path(directory))
-                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
-        if trial.record["status"] == "diverged":  # never the best: searchers see the worst value
-            worst = -math.inf if base.space.mode == "max" else math.inf
-            tune.report({base.space.metric: worst, "diverged": 1})
+        _train(trial, cfg, tune.get_checkpoint(), tune.report, tune.Checkpoint)
     finally:  # workers are reused across trials: leave nothing behind for the next one
         del trial
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def _train(trial: Trial, cfg: ExperimentConfig, checkpoint, report, checkpoint_cls) -> None:
+    """Continue from a checkpoint, then report every epoch with one (Tune's or Train's API)."""
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            trial.load_checkpoint(Path(directory))
+    for metrics in trial.epochs():
+        with tempfile.TemporaryDirectory() as directory:
+            saved = None
+            if trial.rank == 0:  # data-parallel workers hold the same weights: one copy
+                trial.save_checkpoint(Path(directory))
+                saved = checkpoint_cls.from_directory(directory)
+            report(metrics, checkpoint=saved)
+    if trial.record["status"] == "diverged":  # never the best: searchers see the worst value
+        worst = -math.inf if cfg.space.mode == "max" else math.inf
+        report({cfg.space.metric: worst, "diverged": 1})
+
+
+def _run_data_parallel(cfg: ExperimentConfig, job: dict[str, Any]) -> None:
+    """A trial on several workers: Ray Train's TorchTrainer (DDP: NCCL on GPUs, gloo on CPU).
+
+    Its run is named after the trial and kept beside the records, so a retried or resumed
+    trial continues from the run's last checkpoint; metrics reach Tune from worker 0.
+    """
+    res = cfg.resources
+    per_worker = {"CPU": res.cpus, **({"GPU": res.gpus} if res.gpus else {})}
+    trainer = TorchTrainer(
+        _train_worker,
+        train_loop_config={"config": to_dict(cfg), **job, "record_path": str(job["record_path"])},
+        scaling_config=train.ScalingConfig(num_workers=res.workers, use_gpu=res.gpus > 0,
+                                           resources_per_worker=per_worker),
+        run_config=train.RunConfig(
+            name=job["trial_id"],
+            storage_path=str(Path(job["record_path"]).parent.parent / TRAIN_RUNS),
+            callbacks=[TuneReportCallback()],
+            failure_config=train.FailureConfig(max_failures=cfg.retries),
+            checkpoint_config=train.CheckpointConfig(num_to_keep=1),
+        ),
+    )  # fmt: skip
+    trainer.fit()
+
+
+def _train_worker(loop_config: dict[str, Any]) -> None:
+    """One data-parallel worker of a trial (torch.distributed is set up by Ray Train)."""
+    context = train.get_context()
+    cfg = from_dict(loop_config["config"])
+    torch.set_num_threads(max(1, math.ceil(cfg.resources.cpus)))
+    job = {k: loop_config[k] for k in ("seed", "trial_id", "point", "origin")}
+    trial = Trial(cfg, **job, record_path=Path(loop_config["record_path"]),
+                  rank=context.get_world_rank(), world_size=context.get_world_size())  # fmt: skip
+    _train(trial, cfg, train.get_checkpoint(), train.report, train.Checkpoint)
 
 
 def _finished_record(path: Path) -> dict | None:
@@ -179,14 +238,41 @@ def init_ray(address: str | None) -> None:
 def check_resources(cfg: ExperimentConfig) -> None:
     """Refuse a sweep whose trials can never be placed (Ray would wait forever)."""
     available = ray.cluster_resources()
+    workers = cfg.resources.workers
     for field, key in (("cpus", "CPU"), ("gpus", "GPU")):
         asked = getattr(cfg.resources, field)
-        if asked > available.get(key, 0):
+        if asked * workers > available.get(key, 0):
             hint = " (--set resources.gpus=0 runs on CPU)" if key == "GPU" else ""
+            each = f"{asked:g} per worker x {workers} workers" if workers > 1 else f"{asked:g}"
             raise ConfigError(
-                f"{cfg.source}: resources.{field}: {asked} per trial, but the Ray cluster has "
+                f"{cfg.source}: resources.{field}: {each} per trial, but the Ray cluster has "
                 f"{available.get(key, 0):g}{hint}"
             )
+
+
+def trial_resources(cfg: ExperimentConfig) -> dict[str, float]:
+    """What Tune reserves for a trial: its resources, or for a data-parallel trial only its
+    driver's memory (Ray Train reserves the workers' CPUs and GPUs itself; a CPU held by
+    the driver could leave the workers waiting for it forever)."""
+    if cfg.resources.workers > 1:
+        return {"memory": DRIVER_MEMORY}
+    return {"cpu": cfg.resources.cpus, "gpu": cfg.resources.gpus}
+
+
+def max_concurrent(cfg: ExperimentConfig) -> int:
+    """Trials that fit on the cluster at once (0: Tune decides, from the trials' resources).
+
+    Data-parallel trial drivers reserve nothing, so without a cap Tune would start every
+    trial and leave their worker groups queueing for the same resources.
+    """
+    res = cfg.resources
+    if res.workers == 1:
+        return 0
+    available = ray.cluster_resources()
+    fits = [available.get("CPU", 0) // (res.cpus * res.workers)]
+    if res.gpus:
+        fits.append(available.get("GPU", 0) // (res.gpus * res.workers))
+    return max(1, int(min(fits)))
 
 
 EXPERIMENT_FILE = "experiment.json"  # the resolved config a sweep was started with
@@ -238,11 +324,15 @@ def preflight(cfg: ExperimentConfig) -> None:
             what = "is not set" if root is None else f"{root!r} is not a folder"
             raise ConfigError(f"{cfg.source}: data.root: {what}; {cfg.data.name} needs its files "
                               f"there (or --set data.download=true)")  # fmt: skip
+    shape = {"in_chans": 3, "num_classes": 10, "image_size": cfg.data.image_size or 32}
+    if cfg.model.init_from is not None:  # a weights file fixes channels and classes: use the data's
+        sizes = datasets.sizes(cfg.data)
+        shape = {"in_chans": sizes.in_chans, "num_classes": sizes.num_classes,
+                 "image_size": sizes.image_size}  # fmt: skip
     for field, point in _points(cfg):
         try:
             with torch.device("meta"):  # structure only: no weights allocated
-                build_model(apply(cfg, point).model, in_chans=3, num_classes=10,
-                            image_size=cfg.data.image_size or 32)  # fmt: skip
+                build_model(apply(cfg, point).model, **shape)
         except ValueError as err:
             raise ConfigError(f"{cfg.source}: {field}: {err}") from None
 
@@ -295,6 +385,10 @@ def run_sweep(
     storage = Path(storage).resolve()
     if cfg.data.root is not None:  # trials run in their own working directories
         cfg = apply(cfg, {"data.root": str(Path(cfg.data.root).resolve())})
+    if cfg.model.builder is not None:  # so do custom models' files
+        cfg = apply(cfg, {"model.builder": absolute_builder(cfg.model.builder)})
+    if cfg.model.init_from is not None:
+        cfg = apply(cfg, {"model.init_from": str(Path(cfg.model.init_from).resolve())})
     sweep_dir = plan_storage(cfg, storage, restart, resume)
     init_ray(address)
     check_resources(cfg)
@@ -303,7 +397,7 @@ def run_sweep(
     records_dir = sweep_dir / results.RECORDS
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=cfg, records=str(records_dir), origin=provenance()),
-        {"cpu": cfg.resources.cpus, "gpu": cfg.resources.gpus},
+        trial_resources(cfg),
     )
     total = count_trials(cfg.space, cfg.seeds)
     cluster = ray.cluster_resources()
@@ -336,6 +430,7 @@ def _tuner(cfg: ExperimentConfig, trainable, storage: Path, total: int) -> tune.
             search_alg=searcher(cfg.space, cfg.seeds),
             scheduler=scheduler(cfg),
             num_samples=cfg.space.num_samples * repeats,
+            max_concurrent_trials=max_concurrent(cfg),
             reuse_actors=True,  # a new trial skips process start-up, torch import, data load
         ),
         run_config=tune.RunConfig(

@@ -13,10 +13,12 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from towerspace.data import DataBundle
+from towerspace.parallel import shard, synchronise_batchnorm
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "onecycle", "step", "exponential", "constant")
@@ -119,20 +121,41 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]
 
 
 class Trainer:
-    """Trains one model on one data bundle; yields metrics per epoch; knows nothing of Ray."""
+    """Trains one model on one data bundle; yields metrics per epoch; knows nothing of Ray.
 
-    def __init__(self, model: nn.Module, data: DataBundle, cfg: TrainConfig, seed: int = 0):
+    With world_size > 1 (torch.distributed initialised by the caller), it is one of several
+    data-parallel workers: every worker draws the same global batch, trains on its own part
+    of it under DistributedDataParallel (gradients averaged, so the step is the global
+    batch's), BatchNorm normalises over the global batch, and validation sums are added over
+    workers: N workers compute what one worker computes on the same global batch.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        data: DataBundle,
+        cfg: TrainConfig,
+        seed: int = 0,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         self.cfg, self.data = cfg, data
+        self.rank, self.world_size = rank, world_size
         self.device = choose_device(cfg.device)
         cuda = self.device.type == "cuda"
         self.channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and cuda)
         self.amp = cuda and cfg.amp in ("auto", "bf16")
         if cuda:
             torch.backends.cudnn.benchmark = not cfg.deterministic
+            torch.cuda.reset_peak_memory_stats()  # workers are reused: peaks are per trial
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        if world_size > 1:
+            model = synchronise_batchnorm(model, self.device)
         self.model = model.to(self.device, memory_format=memory_format)
+        self.forward_model = self._data_parallel(self.model)
         groups = _param_groups(self.model, cfg.weight_decay)
         if cfg.optimizer == "sgd":
             self.optimizer: torch.optim.Optimizer = torch.optim.SGD(
@@ -145,6 +168,24 @@ class Trainer:
         self.steps_per_epoch = min(full, cfg.max_steps) if cfg.max_steps else full
         self.step, self.epoch = 0, 0
         self.history: list[dict[str, float]] = []
+
+    def _sum_over_workers(self, *values: float | torch.Tensor) -> list[float]:
+        """Sums over every data-parallel worker (the values themselves with one worker)."""
+        if self.world_size == 1:
+            return [float(v) for v in values]
+        t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.device)
+                         for v in values])  # fmt: skip
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def _data_parallel(self, model: nn.Module) -> nn.Module:
+        """The model as DistributedDataParallel when several workers train it."""
+        if self.world_size == 1:
+            return model
+        if not dist.is_initialized():
+            raise RuntimeError("world_size > 1 needs torch.distributed initialised first")
+        # device_ids=None: the module sits on one device (the worker's GPU, or the CPU)
+        return nn.parallel.DistributedDataParallel(model, device_ids=None)
 
     def _inputs(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device, non_blocking=True)
@@ -162,29 +203,44 @@ class Trainer:
         for i, (x, y) in enumerate(batches):
             if i == self.steps_per_epoch:
                 break
+            if len(y) < self.world_size:  # a last batch too small to give every worker a part
+                break
+            x, y = shard(x, self.rank, self.world_size), shard(y, self.rank, self.world_size)
             for group in self.optimizer.param_groups:
                 group["lr"] = self.cfg.lr * lr_factor(self.cfg, self.step, self.steps_per_epoch)
             y = y.to(self.device, non_blocking=True)
             with self._autocast():
-                loss = F.cross_entropy(self.model(self._inputs(x)), y,
+                loss = F.cross_entropy(self.forward_model(self._inputs(x)), y,
                                        label_smoothing=self.cfg.label_smoothing)  # fmt: skip
-            if not torch.isfinite(loss):
-                raise Diverged(self.epoch + 1, i + 1, loss.item())
+            self._check_finite(loss, i)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
             total += loss.detach() * len(y)
             seen += len(y)
             self.step += 1
-        return (total / max(seen, 1)).item(), seen
+        total_loss, seen = self._sum_over_workers(total, seen)
+        return total_loss / max(seen, 1), int(seen)
+
+    def _check_finite(self, loss: torch.Tensor, i: int) -> None:
+        """Raise Diverged on a NaN or infinite loss, on every worker at the same step."""
+        if self.world_size > 1:  # one worker stopping alone would leave the others waiting
+            loss = loss.detach().clone()
+            dist.all_reduce(loss)
+        if not torch.isfinite(loss):
+            raise Diverged(self.epoch + 1, i + 1, loss.item())
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Validation loss, top-1 and top-5 accuracy."""
         self.model.eval()
+        if self.world_size > 1:  # every worker evaluates with worker 0's BatchNorm statistics
+            for buffer in self.model.buffers():
+                dist.broadcast(buffer, 0)
         loss = top1 = top5 = 0.0
         n = 0
         for x, y in self.data.val.batches(self.cfg.eval_batch_size, shuffle=False):
+            x, y = shard(x, self.rank, self.world_size), shard(y, self.rank, self.world_size)
             y = y.to(self.device, non_blocking=True)
             with self._autocast():
                 logits = self.model(self._inputs(x)).float()
@@ -194,6 +250,7 @@ class Trainer:
             top1 += hits[:, 0].sum().item()
             top5 += hits.any(dim=1).sum().item()
             n += len(y)
+        loss, top1, top5, n = self._sum_over_workers(loss, top1, top5, n)
         return {"val_loss": loss / n, "val_acc": top1 / n, "val_top5": top5 / n}
 
     def epochs(self) -> Iterator[dict[str, float]]:

@@ -13,7 +13,7 @@ import torch
 import towerspace
 from towerspace import data as datasets
 from towerspace.config import ExperimentConfig, to_dict
-from towerspace.models import build_model
+from towerspace.models import build_model, complexity
 from towerspace.results import read_record, write_json
 from towerspace.towers import TowerSpec, realized_towers
 from towerspace.train import Diverged, Trainer, choose_device, seed_everything
@@ -70,24 +70,28 @@ class Trial:
         point: Mapping[str, Any],
         record_path: Path,
         origin: Mapping[str, Any] | None = None,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         self.faults = cfg.faults if _targets(cfg.faults.point, point, seed) else None
+        self.rank = rank  # data-parallel workers: only worker 0 writes the record
         seed_everything(seed)
         device = choose_device(cfg.train.device)
-        self.data = datasets.load(cfg.data, device=device)
+        self.data = datasets.load(cfg.data, device, datasets.loader_workers(cfg.resources.cpus))
         self.model = build_model(
             cfg.model,
             in_chans=self.data.in_chans,
             num_classes=self.data.num_classes,
             image_size=self.data.image_size,
         )
-        self.trainer = Trainer(self.model, self.data, cfg.train, seed=seed)
+        self.trainer = Trainer(self.model, self.data, cfg.train, seed=seed, rank=rank,
+                               world_size=world_size)  # fmt: skip
         self.record_path = record_path
         self.record = self._initial_record(cfg, seed, trial_id, point, origin or provenance())
 
     def _initial_record(self, cfg, seed, trial_id, point, origin) -> dict[str, Any]:
         realized = realized_towers(self.model)
-        cost = self.model.complexity(self.data.image_size)
+        cost = complexity(self.model, self.data.image_size, self.data.in_chans)  # any model
         budget = getattr(self.model, "budget", None) or {}
         return {
             "experiment": cfg.name,
@@ -165,7 +169,7 @@ class Trial:
             images_per_s=sum(h["train_images_per_s"] for h in history) / len(history),
             peak_memory_mb=max(h["peak_memory_mb"] for h in history),
         )
-        write_json(self.record_path, self.record)
+        self._write()
 
     def _strike(self) -> None:
         """Fault injection (for tests): fail the chosen trial at the chosen epoch, `times` times."""
@@ -185,4 +189,8 @@ class Trial:
     def finish(self, status: str, error: str | None = None) -> None:
         """Close the record with a final status."""
         self.record.update(status=status, error=error)
-        write_json(self.record_path, self.record)
+        self._write()
+
+    def _write(self) -> None:
+        if self.rank == 0:
+            write_json(self.record_path, self.record)

@@ -9,10 +9,12 @@ from torch import nn
 
 from towerspace.block import IMPL_NAMES, MIDS, ORDERS
 from towerspace.budget import MATCHES
+from towerspace.models.builders import TORCHVISION, build_towerized
+from towerspace.models.pretrained import load_pretrained
 from towerspace.models.xception import STEMS, xception
 from towerspace.towers import SNAPS
 
-MODEL_NAMES = ("xception",)
+MODEL_NAMES = ("xception", *TORCHVISION, "custom")  # custom: model.builder
 
 
 @dataclass(frozen=True)
@@ -34,12 +36,22 @@ class ModelConfig:
     dropout: float = field(default=0.0, metadata={"min": 0.0, "max": 0.95})  # before classifier
     channel_divisor: int | None = field(default=None, metadata={"min": 1})  # None: see xception()
     impl: str = field(default="native", metadata={"choices": IMPL_NAMES})  # auto: fastest, measured
+    builder: str | None = None  # model.name custom: "path/to/file.py:function" (cwd-relative)
+    init_from: str | None = None  # a state dict: towerspace or timm legacy_xception (cwd-relative)
 
 
 def build_model(cfg: ModelConfig, *, in_chans: int, num_classes: int, image_size: int) -> nn.Module:
     """The model a config describes, sized for a data set's channels, classes and images."""
     stem = cfg.stem if cfg.stem != "auto" else ("small" if image_size <= 64 else "imagenet")
-    return xception(
+    if cfg.init_from is not None and cfg.match != "none":
+        raise ValueError(f"init_from needs match 'none' (budget matching changes widths), "
+                         f"got match {cfg.match!r}")  # fmt: skip
+    if cfg.init_from is not None and cfg.name != "xception":
+        raise ValueError(f"init_from needs name 'xception' for now, got name {cfg.name!r}")
+    if cfg.name != "xception":  # any other network: built, then towerized
+        return build_towerized(cfg, in_chans=in_chans, num_classes=num_classes,
+                               image_size=image_size, small_stem=stem == "small")  # fmt: skip
+    model = xception(
         num_classes=num_classes,
         in_chans=in_chans,
         width=cfg.width,
@@ -58,3 +70,9 @@ def build_model(cfg: ModelConfig, *, in_chans: int, num_classes: int, image_size
         channel_divisor=cfg.channel_divisor,
         impl=cfg.impl,
     )
+    if cfg.init_from is not None:  # the same function as the source, at this model's towers
+        try:
+            load_pretrained(model, cfg.init_from)
+        except ValueError as err:
+            raise ValueError(f"init_from {cfg.init_from}: {err}") from None
+    return model

@@ -1,0 +1,128 @@
+"""Networks towerize() puts on the continuum: torchvision's, and a user's own builder."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from torch import nn
+from torchvision import models as tv
+
+from towerspace.models.towerize import towerize
+from towerspace.models.xception import schedule_divisor
+from towerspace.towers import TowerSchedule
+
+if TYPE_CHECKING:
+    from towerspace.models.build import ModelConfig
+
+# name → (constructor, whether it has a width knob). weights=None always: random init, no download.
+TORCHVISION: dict[str, tuple[Callable[..., nn.Module], bool]] = {
+    "torchvision.resnet18": (tv.resnet18, False),
+    "torchvision.resnet50": (tv.resnet50, False),
+    "torchvision.mobilenet_v2": (tv.mobilenet_v2, True),
+    "torchvision.mobilenet_v3_small": (tv.mobilenet_v3_small, True),
+    "torchvision.mobilenet_v3_large": (tv.mobilenet_v3_large, True),
+}
+
+
+def torchvision_builder(
+    name: str, *, in_chans: int, num_classes: int, small_stem: bool, round_nearest: int = 8
+) -> Callable[[float], nn.Module]:
+    """`width -> model` for a torchvision network sized for a data set (width: width_mult).
+
+    small_stem gives ResNet a CIFAR-style stem (3×3 stride-1 conv, no max-pool); round_nearest
+    rounds MobileNetV2's channels (torchvision: 8; finer steps let budget matching land closer).
+    """
+    constructor, has_width = TORCHVISION[name]
+
+    def build(width: float) -> nn.Module:
+        kwargs = {"width_mult": width} if has_width else {}
+        if name == "torchvision.mobilenet_v2":
+            kwargs["round_nearest"] = round_nearest
+        model = constructor(weights=None, num_classes=num_classes, **kwargs)
+        if name.startswith("torchvision.resnet"):
+            return _resnet_stem(model, in_chans, small_stem)
+        first = model.features[0][0]
+        if in_chans != first.in_channels:
+            model.features[0][0] = _stem_conv(in_chans, first.out_channels, 3, 2)
+        return model
+
+    return build
+
+
+def _resnet_stem(model: nn.Module, in_chans: int, small: bool) -> nn.Module:
+    if small:  # 32 px images: a 7×7 stride-2 conv and a max-pool would leave 8×8 after the stem
+        model.conv1 = _stem_conv(in_chans, 64, 3, 1)
+        model.maxpool = nn.Identity()
+    elif in_chans != 3:
+        model.conv1 = _stem_conv(in_chans, 64, 7, 2)
+    return model
+
+
+def _stem_conv(in_chans: int, out_channels: int, kernel_size: int, stride: int) -> nn.Conv2d:
+    conv = nn.Conv2d(in_chans, out_channels, kernel_size, stride, kernel_size // 2, bias=False)
+    nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")  # as torchvision
+    return conv
+
+
+def split_builder(spec: str) -> tuple[Path, str]:
+    """('path/to/file.py', 'function') from 'path/to/file.py:function'."""
+    path, sep, function = spec.rpartition(":")
+    if not sep or not path.endswith(".py") or not function.isidentifier():
+        raise ValueError(f"{spec!r} is not 'path/to/file.py:function'")
+    return Path(path), function
+
+
+def absolute_builder(spec: str) -> str:
+    """The builder spec with its file as an absolute path (trials run in other directories)."""
+    path, function = split_builder(spec)
+    return f"{path.resolve()}:{function}"
+
+
+def custom_builder(
+    spec: str, *, in_chans: int, num_classes: int, image_size: int
+) -> Callable[[float], nn.Module]:
+    """`width -> model` from a user's 'file.py:function' taking in_chans, num_classes, image_size
+    and width as keyword arguments."""
+    path, name = split_builder(spec)
+    if not path.is_file():
+        raise ValueError(f"builder {spec!r}: no such file {path}")
+    loader = importlib.util.spec_from_file_location(f"towerspace_builder_{path.stem}", path)
+    module = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(module)  # the user's file, run on purpose: it defines the model
+    function = getattr(module, name, None)
+    if not callable(function):
+        raise ValueError(f"builder {spec!r}: {path} has no function {name!r}")
+
+    def build(width: float) -> nn.Module:
+        return function(in_chans=in_chans, num_classes=num_classes, image_size=image_size,
+                        width=width)  # fmt: skip
+
+    return build
+
+
+def build_towerized(
+    cfg: ModelConfig, *, in_chans: int, num_classes: int, image_size: int, small_stem: bool
+) -> nn.Module:
+    """A torchvision or custom network from a model config, towerized at the config's towers.
+
+    Fresh weights at every point (carry_weights=False): a sweep compares tower counts from the
+    same kind of initialisation, not from a random dense kernel embedded exactly at 1 tower.
+    """
+    schedule = TowerSchedule.build(cfg.towers, cfg.overrides, cfg.snap, cfg.layer_seed)
+    if cfg.name == "custom":
+        builder = custom_builder(cfg.builder, in_chans=in_chans, num_classes=num_classes,
+                                 image_size=image_size)  # fmt: skip
+    else:
+        # matching rounds to the tower counts asked for, so they are realized and steps are fine
+        divisor = schedule_divisor(schedule) if cfg.match != "none" else 8
+        builder = torchvision_builder(cfg.name, in_chans=in_chans, num_classes=num_classes,
+                                      small_stem=small_stem, round_nearest=divisor)  # fmt: skip
+    model, _ = towerize(
+        builder if cfg.match != "none" else builder(cfg.width), schedule, order=cfg.order,
+        mid=cfg.mid, carry_weights=False, match=cfg.match, reference=cfg.reference,
+        base_width=cfg.width, image_size=image_size, in_chans=in_chans, impl=cfg.impl,
+    )  # fmt: skip
+    return model
