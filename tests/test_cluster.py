@@ -89,9 +89,9 @@ def test_a_sweep_on_a_two_node_cluster_survives_losing_the_worker_node(cluster, 
         sweep = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=cluster["env"])
         deadline = time.monotonic() + 180
         while True:  # both trials under way, one on each node
-            running = [r for r in _records(tmp_path / "digits_continuum")
-                       if r["status"] == "running" and 1 <= r["epochs_run"] < EPOCHS - 1]  # fmt: skip
-            if len(running) == 2:
+            records = _records(tmp_path / "digits_continuum")
+            running = [r for r in records if r["status"] == "running" and r["epochs_run"] >= 1]
+            if len(running) == 2 and all(r["epochs_run"] < EPOCHS - 1 for r in running):
                 break
             assert sweep.poll() is None and time.monotonic() < deadline, log.read_text()
             time.sleep(0.05)

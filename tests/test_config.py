@@ -171,6 +171,16 @@ BAD_FILES = [
      "scheduler.grace_period: 5 is more than train.epochs (1)"),
     ("seeds: [0]", "seeds: [0]\nresources: {cpus: 0}",
      "resources.cpus: 0 is out of range; allowed: > 0"),
+    ("seeds: [0]", "seeds: [0]\nresources: {workers: 2, gpus: 0.5}",
+     "resources.gpus: 0.5 per worker with workers=2; data-parallel workers each take one whole "
+     "GPU or none (allowed: 0, 1)"),
+    ("seeds: [0]", "seeds: [0]\nresources: {workers: 3}",
+     "train.batch_size: 128 does not split evenly over resources.workers=3 (the global batch is "
+     "divided among the workers)"),
+    ("seeds: [0]", "seeds: [0]\nresources: {workers: 0}",
+     "resources.workers: 0 is out of range; allowed: 1 to 1024"),
+    ("seeds: [0]", "seeds: [0]\nresources: {workers: 2}\nfaults: {kind: raise}",
+     "faults: fault injection runs in single-worker trials only (resources.workers: 1)"),
     ("seeds: [0]", "seeds: [0]\nstorage: !!python/object/apply:os.system ['touch pwned']",
      "not valid YAML (line 6, column 10): tags like !!python/... are not allowed (files are read "
      "with safe_load)"),
@@ -311,3 +321,15 @@ def test_sweep_command_refuses_bad_input_before_anything_starts(project, capsys)
         "towerspace: error: experiments/x.yaml: train.epochs: 0 is out of range; allowed: >= 1\n"
     )
     assert sorted(p.relative_to(project) for p in project.rglob("*")) == before  # nothing written
+
+
+def test_object_store_storage_is_refused_not_folded_into_a_local_folder(project, capsys):
+    path = _write(project, BASE)
+    before = sorted(p.relative_to(project) for p in project.rglob("*"))
+    assert main(["sweep", str(path), "--storage", "s3://bucket/runs"]) == 2
+    assert capsys.readouterr().err == (
+        "towerspace: error: --storage s3://bucket/runs: object-store URIs are not supported "
+        "(trial records are plain files); use a folder that every node mounts, such as an NFS "
+        "path\n"
+    )
+    assert sorted(p.relative_to(project) for p in project.rglob("*")) == before

@@ -107,3 +107,17 @@ def test_a_two_worker_trial_through_ray_train_matches_one_worker(tiny_sweep, tmp
     runs = list((outcome.sweep_dir / TRAIN_RUNS).iterdir())
     assert [r.name for r in runs] == [two["trial_id"]]
     assert len([p for p in runs[0].glob("checkpoint_*") if p.is_dir()]) == 1
+
+
+def test_streamed_batches_give_each_worker_its_own_images():
+    images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 3, 2, 2)
+    dataset = torch.utils.data.TensorDataset(images.contiguous(), torch.arange(10))
+    stream = datasets.LoaderBatches(dataset, num_workers=0, device=torch.device("cpu"))
+    epochs = []
+    for _ in range(2):
+        parts = [list(stream.batches(4, shuffle=True, train=True, part=(r, 2))) for r in (0, 1)]
+        assert [len(y) for y in [b[1] for b in parts[0]]] == [2, 2, 1]  # 4 per step, 2 each
+        seen = [int(v) for p in parts for _, y in p for v in y]
+        assert sorted(seen) == list(range(10))  # disjoint, and every image once
+        epochs.append(seen)
+    assert epochs[0] != epochs[1]  # a new shuffle every pass

@@ -159,3 +159,21 @@ def test_resume_refuses_a_different_experiment_and_a_damaged_state(tiny_sweep, t
     assert err.startswith(f"towerspace: error: --resume: cannot read the Ray Tune state in "
                           f"{tmp_path}/digits_continuum (")  # fmt: skip
     assert err.endswith("); pass --restart to start over\n") and err.count("\n") == 1
+
+
+def test_a_sweep_from_before_a_new_field_resumes_when_the_field_has_its_default(tmp_path):
+    from towerspace import config
+    from towerspace.config import ConfigError
+    from towerspace.sweep import EXPERIMENT_FILE, _comparable, plan_storage
+
+    cfg = config.load_experiment(EXPERIMENT, SETS)
+    sweep_dir = tmp_path / "digits_continuum"
+    sweep_dir.mkdir()
+    old = _comparable(cfg)
+    del old["resources"]["workers"], old["data"]["stream"]  # written by an older towerspace
+    (sweep_dir / EXPERIMENT_FILE).write_text(json.dumps(old))
+    with pytest.raises(ConfigError, match="holds no Ray Tune state to resume"):
+        plan_storage(cfg, tmp_path, restart=False, resume=True)  # the experiment matched
+    changed = config.apply(cfg, {"resources.workers": 2})
+    with pytest.raises(ConfigError, match=r"different experiment \(changed: resources.workers\)"):
+        plan_storage(changed, tmp_path, restart=False, resume=True)

@@ -90,7 +90,7 @@ def _experiment(args: argparse.Namespace):
 def cmd_sweep(args: argparse.Namespace) -> int:
     """Run an experiment's sweep on Ray Tune and print where its results are."""
     cfg = _experiment(args)
-    storage = Path(args.storage or cfg.storage or "runs")
+    storage = args.storage or cfg.storage or "runs"
     threshold = _confirm_threshold(args.confirm_above)
     from towerspace import sweep
 
@@ -98,6 +98,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         raise ValueError("--resume and --restart exclude each other: continue, or start over")
     if not args.resume:  # a resumed sweep was confirmed when it started
         sweep.preflight(cfg)  # data on disk and tower counts, before the estimate counts them
+        # refuse an occupied or unwritable storage before asking anyone to confirm a cost
+        sweep.plan_storage(cfg, sweep.resolve_storage(storage), args.restart, resume=False)
         _confirm_cost(cfg, args.throughput, threshold, yes=args.yes, stdin=sys.stdin)
     outcome = sweep.run_sweep(
         cfg, storage=storage, address=args.address, restart=args.restart, resume=args.resume,
@@ -209,6 +211,10 @@ def _print_estimate(table: pd.DataFrame, cfg, sizes, args: argparse.Namespace) -
         print(f"no throughput in {args.throughput} for towers: {missing} (their hours are empty)")
     if args.measure:
         device = choose_device(args.device).type
+        kind = estimate.device_kind(cfg)
+        if device != kind.replace("gpu", "cuda"):
+            print(f"note: measured on {device}, but the trials take {kind.upper()}s: the hours "
+                  f"are at {device} speed")  # fmt: skip
         print(f"measured: {estimate.TIMED_STEPS} training steps per point after "
               f"{estimate.WARMUP_STEPS} warm-up steps, on {device}; memory_mb_est is a "
               f"formula, peak_memory_mb (CUDA only) is measured")  # fmt: skip

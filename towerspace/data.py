@@ -12,6 +12,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.data.distributed import DistributedSampler
+
+from towerspace.parallel import shard
 
 NAMES = ("digits", "mnist", "cifar10", "cifar100", "imagefolder", "synthetic")
 AUGMENTS = ("auto", "none", "crop", "crop_flip")
@@ -95,20 +98,30 @@ class TensorBatches:
         generator: torch.Generator | None = None,
         train: bool = False,
         drop_last: bool = False,
+        part: tuple[int, int] = (0, 1),
     ) -> Iterator[tuple[Tensor, Tensor]]:
-        """(images, labels) batches, normalised, augmented when train is set."""
+        """(images, labels) batches, normalised, augmented when train is set.
+
+        part=(rank, workers): this data-parallel worker's part of each global batch. Every
+        worker draws the same global batch and augmentation (one generator state), so the
+        parts together are exactly what one worker would see.
+        """
+        rank, workers = part
         n = len(self)
         order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
         order = order.to(self.labels.device)
         stop = n - n % batch_size if drop_last and n >= batch_size else n
         for start in range(0, stop, batch_size):
             index = order[start : start + batch_size]
+            if len(index) < workers:  # a last batch too small to give every worker a part
+                break
             x = self.images[index].float()
             if self.images.dtype == torch.uint8:
                 x = x / 255.0
             if train and self.augment != "none":
                 x = self._augment(x, generator)
-            yield (x - self.mean) / self.std, self.labels[index]
+            x = (x - self.mean) / self.std
+            yield shard(x, rank, workers), shard(self.labels[index], rank, workers)
 
     def _augment(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
         """Random crops of the zero-padded batch, and flips, drawn for all images at once."""
@@ -148,23 +161,45 @@ class LoaderBatches:
         self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
         self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
         self.loaders: dict[tuple, torch.utils.data.DataLoader] = {}
+        self.passes: dict[tuple, int] = {}  # per loader: its sampler's epoch (data-parallel)
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def loader(
-        self, batch_size: int, shuffle: bool, generator: torch.Generator | None, drop_last: bool
+        self,
+        batch_size: int,
+        shuffle: bool,
+        generator: torch.Generator | None,
+        drop_last: bool,
+        part: tuple[int, int] = (0, 1),
     ) -> torch.utils.data.DataLoader:
-        """The DataLoader for one way of batching, kept so that its workers persist."""
-        key = (batch_size, shuffle, id(generator), drop_last)  # it holds generator: ids stay
+        """The DataLoader for one way of batching, kept so that its workers persist.
+
+        A data-parallel worker (part=(rank, workers)) loads only its own images: a
+        DistributedSampler gives it 1/workers of every epoch, batch_size/workers at a time
+        (padded by at most workers-1 repeated images so every worker takes as many steps).
+        """
+        key = (batch_size, shuffle, id(generator), drop_last, part)  # generator is held: ids stay
         if key not in self.loaders:
             workers = self.num_workers
+            rank, replicas = part
+            sampler = None
+            if replicas > 1:
+                sampler = DistributedSampler(self.dataset, replicas, rank, shuffle=shuffle,
+                                             drop_last=drop_last)  # fmt: skip
+                batch_size, shuffle, generator = batch_size // replicas, False, None
             self.loaders[key] = torch.utils.data.DataLoader(
                 self.dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
-                num_workers=workers, pin_memory=self.device.type == "cuda", drop_last=drop_last,
-                persistent_workers=workers > 0, prefetch_factor=PREFETCH if workers else None,
+                sampler=sampler, num_workers=workers, pin_memory=self.device.type == "cuda",
+                drop_last=drop_last, persistent_workers=workers > 0,
+                prefetch_factor=PREFETCH if workers else None,
             )  # fmt: skip
-        return self.loaders[key]
+        loader = self.loaders[key]
+        if isinstance(loader.sampler, DistributedSampler):  # a new shuffle every pass
+            self.passes[key] = self.passes.get(key, -1) + 1
+            loader.sampler.set_epoch(self.passes[key])
+        return loader
 
     def batches(
         self,
@@ -174,9 +209,11 @@ class LoaderBatches:
         generator: torch.Generator | None = None,
         train: bool = False,
         drop_last: bool = False,
+        part: tuple[int, int] = (0, 1),
     ) -> Iterator[tuple[Tensor, Tensor]]:
-        """(images, labels) batches on the device, normalised (augmentation is in the dataset)."""
-        for x, y in self.loader(batch_size, shuffle, generator, drop_last):
+        """(images, labels) batches on the device, normalised (augmentation is in the dataset);
+        part=(rank, workers): this data-parallel worker's share (see loader())."""
+        for x, y in self.loader(batch_size, shuffle, generator, drop_last, part):
             x = x.to(self.device, non_blocking=True).float().div_(255.0)
             yield x.sub_(self.mean).div_(self.std), y.to(self.device, non_blocking=True)
 

@@ -104,7 +104,7 @@ def cost_table(cfg: ExperimentConfig, sizes: DataSizes) -> pd.DataFrame:
             "images_per_trial": images,
             "train_pflops_per_trial": cost.training_flops * images / 1e15,
             "memory_mb_est": memory_estimate_mb(model, sizes.in_chans, sizes.image_size,
-                                                cfg.train.batch_size, cfg.train.optimizer),
+                                                worker_batch(cfg), cfg.train.optimizer),
         })  # fmt: skip
     return pd.DataFrame(rows)
 
@@ -140,12 +140,17 @@ def read_throughput(path: str | Path) -> dict[str, float]:
     return rates
 
 
+def worker_batch(cfg: ExperimentConfig) -> int:
+    """The batch one worker of a trial runs (the global batch split over data-parallel workers)."""
+    return cfg.train.batch_size // cfg.resources.workers
+
+
 def measure_point(cfg: ExperimentConfig, sizes: DataSizes, device: str) -> dict[str, float]:
-    """Images/s of a few timed training steps (towerspace's Trainer) at the experiment's batch
-    and image size, after a warm-up; peak memory on CUDA."""
+    """Images/s of one worker: a few timed training steps (towerspace's Trainer) at its batch
+    and the experiment's image size, after a warm-up; peak memory on CUDA."""
     seed_everything(0)
     dev = choose_device(device)
-    batch, size = cfg.train.batch_size, sizes.image_size
+    batch, size = worker_batch(cfg), sizes.image_size
     images = torch.rand(batch, sizes.in_chans, size, size, device=dev)
     labels = torch.randint(0, sizes.num_classes, (batch,), device=dev)
     ones = torch.ones(sizes.in_chans, device=dev)

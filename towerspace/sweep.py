@@ -6,6 +6,7 @@ import gc
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -48,6 +49,7 @@ DOMAINS = {
     "grid": lambda v: tune.grid_search(list(v)),
 }
 SEARCHER_SEED = 0  # Optuna's sampler seed: the same experiment proposes the same points
+URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:/")  # s3://, gs://, hdfs://, file:/ ...
 DRIVER_MEMORY = 256 * 2**20  # bytes Tune reserves for a data-parallel trial's driver
 TRAIN_RUNS = "train"  # a sweep's folder for the Ray Train runs of its data-parallel trials
 
@@ -278,6 +280,15 @@ def max_concurrent(cfg: ExperimentConfig) -> int:
 EXPERIMENT_FILE = "experiment.json"  # the resolved config a sweep was started with
 
 
+def resolve_storage(storage: str | Path) -> Path:
+    """The storage folder as an absolute path; object-store URIs are refused, not mangled."""
+    if URI.match(str(storage)):  # Path() would fold s3://bucket into a local folder s3:/bucket
+        raise ConfigError(f"--storage {storage}: object-store URIs are not supported (trial "
+                          f"records are plain files); use a folder that every node mounts, "
+                          f"such as an NFS path")  # fmt: skip
+    return Path(storage).resolve()
+
+
 def plan_storage(cfg: ExperimentConfig, storage: Path, restart: bool, resume: bool) -> Path:
     """The sweep's directory, checked but not yet written: refuse what cannot or must not go."""
     sweep_dir = storage / cfg.name
@@ -358,10 +369,31 @@ def _check_same_experiment(cfg: ExperimentConfig, sweep_dir: Path) -> None:
         raise ConfigError(f"--resume: {sweep_dir} is not a towerspace sweep (no readable "
                           f"{EXPERIMENT_FILE})") from None  # fmt: skip
     now = json.loads(json.dumps(_comparable(cfg)))
-    changed = sorted(_differences(stored, now))
+    # a field added to towerspace after the sweep started is unchanged if it has its default
+    defaults = json.loads(json.dumps(_comparable(ExperimentConfig(name=cfg.name, space=cfg.space))))
+    changed = sorted(
+        d for d in _differences(stored, now) if not _added_default(d, stored, defaults, now)
+    )
     if changed:
         raise ConfigError(f"--resume: {sweep_dir} holds a different experiment (changed: "
                           f"{', '.join(changed)})")  # fmt: skip
+
+
+def _added_default(path: str, stored: dict, defaults: dict, now: dict) -> bool:
+    """Whether a dotted field is absent from the stored experiment and at its default now."""
+    parts = path.split(".")
+    node = stored
+    for part in parts[:-1]:
+        node = node.get(part, {}) if isinstance(node, dict) else {}
+    if not isinstance(node, dict) or parts[-1] in node:
+        return False
+    return _lookup(defaults, parts) == _lookup(now, parts)
+
+
+def _lookup(tree: dict, parts: list[str]) -> Any:
+    for part in parts:
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
 
 
 def _differences(a: Any, b: Any, path: str = "") -> list[str]:
@@ -374,7 +406,7 @@ def _differences(a: Any, b: Any, path: str = "") -> list[str]:
 def run_sweep(
     cfg: ExperimentConfig,
     *,
-    storage: Path,
+    storage: str | Path,
     address: str | None = None,
     restart: bool = False,
     resume: bool = False,
@@ -382,7 +414,7 @@ def run_sweep(
 ) -> SweepOutcome:
     """Run (or resume) every trial of an experiment on Ray Tune and write its results tables."""
     preflight(cfg)
-    storage = Path(storage).resolve()
+    storage = resolve_storage(storage)
     if cfg.data.root is not None:  # trials run in their own working directories
         cfg = apply(cfg, {"data.root": str(Path(cfg.data.root).resolve())})
     if cfg.model.builder is not None:  # so do custom models' files

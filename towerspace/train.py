@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from towerspace.data import DataBundle
-from towerspace.parallel import shard, synchronise_batchnorm
+from towerspace.parallel import synchronise_batchnorm
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "onecycle", "step", "exponential", "constant")
@@ -142,6 +142,7 @@ class Trainer:
     ):
         self.cfg, self.data = cfg, data
         self.rank, self.world_size = rank, world_size
+        self.part = (rank, world_size)  # this worker's part of every batch
         self.device = choose_device(cfg.device)
         cuda = self.device.type == "cuda"
         self.channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and cuda)
@@ -198,14 +199,11 @@ class Trainer:
         """One pass over the train split: (mean loss, images seen)."""
         self.model.train()
         total, seen = torch.zeros((), device=self.device), 0
-        batches = self.data.train.batches(self.cfg.batch_size, shuffle=True,
-                                          generator=self.generator, train=True)  # fmt: skip
+        batches = self.data.train.batches(self.cfg.batch_size, shuffle=True, train=True,
+                                          generator=self.generator, part=self.part)  # fmt: skip
         for i, (x, y) in enumerate(batches):
             if i == self.steps_per_epoch:
                 break
-            if len(y) < self.world_size:  # a last batch too small to give every worker a part
-                break
-            x, y = shard(x, self.rank, self.world_size), shard(y, self.rank, self.world_size)
             for group in self.optimizer.param_groups:
                 group["lr"] = self.cfg.lr * lr_factor(self.cfg, self.step, self.steps_per_epoch)
             y = y.to(self.device, non_blocking=True)
@@ -239,8 +237,7 @@ class Trainer:
                 dist.broadcast(buffer, 0)
         loss = top1 = top5 = 0.0
         n = 0
-        for x, y in self.data.val.batches(self.cfg.eval_batch_size, shuffle=False):
-            x, y = shard(x, self.rank, self.world_size), shard(y, self.rank, self.world_size)
+        for x, y in self.data.val.batches(self.cfg.eval_batch_size, shuffle=False, part=self.part):
             y = y.to(self.device, non_blocking=True)
             with self._autocast():
                 logits = self.model(self._inputs(x)).float()
