@@ -9,11 +9,19 @@ import pytest
 from towerspace import analysis
 
 
-def _realized(towers, channels=8):
+def _site(towers, channels=8):
     regime = "regular" if towers == 1 else "depthwise" if towers == channels else "inception"
-    site = {"channels": channels, "towers": towers, "group_width": channels // towers,
+    return {"channels": channels, "towers": towers, "group_width": channels // towers,
             "position": math.log(towers) / math.log(channels), "regime": regime}  # fmt: skip
-    return json.dumps({"a": site, "b": dict(site)})
+
+
+def _realized(towers, channels=8, other=None):
+    """Two layers with `towers` (and `other` in the second layer, when given)."""
+    return json.dumps({"a": _site(towers, channels), "b": _site(other or towers, channels)})
+
+
+def _relabel(table, labels):
+    return table.assign(towers=table["towers"].map(labels))
 
 
 @pytest.fixture
@@ -61,6 +69,7 @@ def test_summarize_by_hand(table):
 
 def test_compare_pairs_by_seed_against_depthwise(table):
     diffs = analysis.compare(table, n_boot=2000, seed=1)
+    assert set(diffs["reference"]) == {"depthwise"}
     one = diffs[diffs["towers"] == "1"].iloc[0]
     # pairs by seed: 0.80-0.83, 0.84-0.86, 0.82-0.83 → -0.03, -0.02, -0.01
     assert one["n_pairs"] == 3 and one["diff_mean"] == pytest.approx(-0.02)
@@ -74,3 +83,42 @@ def test_compare_pairs_by_seed_against_depthwise(table):
 def test_compare_needs_a_finished_reference(table):
     with pytest.raises(ValueError, match=r"reference '16' is not a finished point; points: 1, 2"):
         analysis.compare(table, reference="16")
+
+
+def test_compare_without_depthwise_uses_the_point_nearest_it(table):
+    # a group_width sweep: gw1 is depthwise (position 1), gw8 regular (position 0)
+    widths = _relabel(table, {"1": "gw8", "2": "gw4", "depthwise": "gw1"})
+    assert analysis.reference_point(widths) == "gw1"
+    diffs = analysis.compare(widths, n_boot=2000, seed=1)
+    assert list(diffs["towers"]) == ["gw8", "gw4", "gw1"] and set(diffs["reference"]) == {"gw1"}
+    assert diffs["diff_mean"].tolist() == pytest.approx([-0.02, 0.02, 0.0])
+    with pytest.raises(ValueError, match=r"^reference 'depthwise' is not a finished point; "
+                       r"points: gw1, gw4, gw8$"):  # fmt: skip
+        analysis.compare(widths, reference="depthwise")
+
+
+def test_reference_is_the_highest_mean_position_then_the_first_label(table):
+    # per-flow labels: layers a and b get different towers, the position is their mean
+    flows = _relabel(table, {"1": "1 [exit=depthwise]", "2": "4 [entry=2, exit=depthwise]",
+                             "depthwise": "8 [exit=2]"})  # fmt: skip
+    realized = {"1 [exit=depthwise]": _realized(1, other=8), "8 [exit=2]": _realized(8, other=2),
+                "4 [entry=2, exit=depthwise]": _realized(2, other=8)}  # fmt: skip
+    flows["realized_towers"] = flows["towers"].map(realized)  # positions 0.5, 2/3, 2/3
+    assert analysis.reference_point(flows) == "4 [entry=2, exit=depthwise]"  # tie: first label
+    diffs = analysis.compare(flows, n_boot=2000, seed=1).set_index("towers")
+    assert diffs.loc["8 [exit=2]", "diff_mean"] == pytest.approx((-0.02 + 0.01 - 0.05) / 3)
+    assert diffs.loc["1 [exit=depthwise]", "position"] == pytest.approx(0.5)
+
+
+def test_compare_needs_finished_trials(table):
+    with pytest.raises(ValueError, match="no finished trials: nothing to compare against"):
+        analysis.compare(table.assign(status="error"))
+
+
+def test_sampled_models_form_one_population(table):
+    sampled = _relabel(table, {"1": "random/11", "2": "random/7", "depthwise": "random/3"})
+    assert analysis.is_population(sampled) and not analysis.is_population(table)
+    assert not analysis.is_population(pd.concat([sampled, table]))
+    derived = analysis.derive(sampled.assign(towers=sampled["towers"] + " [entry=2]"))
+    assert set(derived["population"]) == {"sampled models [entry=2]"}
+    assert list(analysis.derive(table)["population"]) == list(table["towers"])

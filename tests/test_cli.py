@@ -62,3 +62,19 @@ def test_a_real_process_exits_2_without_a_traceback():
     assert result.stderr == (
         "towerspace: error: towers must be an int >= 1, 'regular' or 'depthwise', got '3x'\n"
     )
+
+
+def test_progress_prints_epochs_of_long_trials_at_most_every_interval(capsys):
+    from types import SimpleNamespace
+
+    from towerspace.sweep import Progress
+
+    trial = SimpleNamespace(config={"model.towers": 4, "seed": 0}, last_result={})
+    quiet, chatty = Progress(total=2, every_s=3600), Progress(total=2, every_s=0)
+    for progress in (quiet, chatty):
+        progress.on_trial_result(0, [], trial, {"val_acc": 0.5, "training_iteration": 3})
+    trial.last_result = {"val_acc": 0.75, "training_iteration": 9}
+    chatty.on_trial_complete(0, [], trial)
+    lines = [line.split("] ", 1)[1] for line in capsys.readouterr().out.splitlines()]
+    assert lines == ["running  towers=4  seed=0  val_acc 0.500 after 3 epochs",
+                     "done     towers=4  seed=0  val_acc 0.750 after 9 epochs"]  # fmt: skip

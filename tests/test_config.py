@@ -244,11 +244,15 @@ def test_grid_needs_the_grid_searcher(project):
          "(allowed: grid, random, optuna)"),
     ],
 )  # fmt: skip
-def test_bad_overrides(project, sets, message):
+def test_bad_overrides(project, sets, message, capsys):
     path = _write(project, BASE)
     with pytest.raises(ConfigError) as err:
         load_experiment(path, [sets])
     assert str(err.value) == message
+    before = sorted(project.rglob("*"))
+    assert main(["sweep", str(path), "--storage", "out", "--set", sets]) == 2  # as a user runs it
+    assert capsys.readouterr().err == f"towerspace: error: {message}\n"
+    assert sorted(project.rglob("*")) == before
 
 
 @pytest.mark.parametrize(

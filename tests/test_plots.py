@@ -1,13 +1,65 @@
-"""Every plot from a real sweep's results: lines, points, labels, scales, and files on disk."""
+"""Every plot from a real sweep's results and from synthetic tables: lines, points, labels,
+scales, colours, and files on disk."""
 
+import json
+import math
+
+import numpy as np
+import pandas as pd
 import pytest
+from matplotlib.collections import PathCollection
+from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
 
 from towerspace import plots, results
 from towerspace.cli import main
 from towerspace.report import write_report
 
-pytestmark = pytest.mark.slow
+slow = pytest.mark.slow  # the tests of a real sweep; the synthetic ones take a second
+
+
+def _site(towers, channels=8):
+    regime = "regular" if towers == 1 else "depthwise" if towers == channels else "inception"
+    return {"channels": channels, "towers": towers, "group_width": channels // towers,
+            "position": math.log(towers) / math.log(channels), "regime": regime}  # fmt: skip
+
+
+def _trial(label, layers, seed, acc, order="spatial_first"):
+    """One finished trial (as results.load gives it) whose two layers get `layers` towers."""
+    trial_id = f"{label}-{order}-{seed}".replace("/", "_")
+    realized = {"a": _site(layers[0]), "b": _site(layers[1])}
+    return {"experiment": "e", "data": "digits", "trial_id": trial_id,
+            "status": "finished", "seed": seed, "towers": label, "order": order, "mid": "none",
+            "match": "params", "final_val_acc": acc, "params": 100,
+            "flops": 8000 // max(layers), "images_per_s": 100.0 * max(layers),
+            "realized_towers": json.dumps(realized)}  # fmt: skip
+
+
+GRID = {"1": (1, 1), "2": (2, 2), "4": (4, 4), "depthwise": (8, 8)}
+MEANS = {  # mean accuracy per order and point; the seeds are the mean - 0.01 and + 0.01
+    "spatial_first": {"1": 0.90, "2": 0.85, "4": 0.84, "depthwise": 0.86},
+    "pointwise_first": {"1": 0.80, "2": 0.88, "4": 0.75, "depthwise": 0.70},
+}
+
+
+def _grid(orders=("spatial_first",), points=("1", "2", "depthwise")):
+    """A grid sweep: every point of every order over seeds 0 and 1."""
+    return pd.DataFrame([_trial(p, GRID[p], seed, MEANS[o][p] + 0.02 * seed - 0.01, o)
+                         for o in orders for p in points for seed in (0, 1)])  # fmt: skip
+
+
+SAMPLED = [(1, 1), (1, 2), (2, 4), (4, 8), (8, 8), (2, 2)]  # towers per layer of six random models
+
+
+def _sampled(orders=("spatial_first",)):
+    """A layerwise_random sweep: model m is 'random/<m>', mean accuracy 0.70 + 0.03 m, two seeds."""
+    return pd.DataFrame([_trial(f"random/{m}", layers, seed, 0.69 + 0.03 * m + 0.02 * seed, o)
+                         for o in orders for m, layers in enumerate(SAMPLED)
+                         for seed in (0, 1)])  # fmt: skip
+
+
+def _legend(fig):
+    return [t.get_text() for t in fig.legends[0].get_texts()]
 
 
 @pytest.fixture(scope="module")
@@ -15,6 +67,7 @@ def tables(tiny_sweep):
     return results.load(tiny_sweep.results_path), results.load_history(tiny_sweep.history_path)
 
 
+@slow
 def test_continuum(tables):
     fig = plots.continuum(tables[0])
     assert isinstance(fig, Figure)
@@ -29,6 +82,7 @@ def test_continuum(tables):
     assert plots.continuum(tables[0], x="position").axes[0].get_xscale() == "linear"
 
 
+@slow
 def test_cost_pareto_edf_curves(tables):
     table, history = tables
     cost = plots.cost(table)
@@ -41,19 +95,23 @@ def test_cost_pareto_edf_curves(tables):
     edf = plots.edf(table)
     assert len(edf.axes[0].get_lines()) == 3
     assert edf.axes[0].get_xlabel() == "validation error (1 - top-1 accuracy)"
-    curves = plots.curves(history)
+    curves = plots.curves(history, results=table)
     assert len(curves.axes[0].get_lines()) == 3 and curves.axes[0].get_xlabel() == "epoch"
+    assert curves.axes[0].get_title() == "digits_continuum on digits: validation accuracy per epoch"
     with pytest.raises(ValueError, match="cost='speed' is not one of: params, flops, throughput"):
         plots.pareto(table, cost="speed")
 
 
 def test_pareto_front():
-    import pandas as pd
-
     summary = pd.DataFrame({"flops": [1, 2, 3, 4], "mean": [0.5, 0.7, 0.6, 0.8]})
     assert plots.pareto_front(summary, "flops", False)["flops"].tolist() == [1, 2, 4]
+    tied = pd.DataFrame({"flops": [1, 1, 2], "mean": [0.5, 0.6, 0.55]})
+    assert plots.pareto_front(tied, "flops", False)["mean"].tolist() == [0.6]
+    speed = pd.DataFrame({"images_per_s": [10, 20, 30], "mean": [0.9, 0.8, 0.7]})
+    assert plots.pareto_front(speed, "images_per_s", True)["mean"].tolist() == [0.9, 0.8, 0.7]
 
 
+@slow
 def test_saving_writes_png_and_svg(tables, tmp_path):
     paths = plots.save(plots.continuum(tables[0]), tmp_path / "c")
     assert [p.name for p in paths] == ["c.png", "c.svg"]
@@ -61,6 +119,7 @@ def test_saving_writes_png_and_svg(tables, tmp_path):
     assert "<svg" in paths[1].read_text()[:500]
 
 
+@slow
 def test_plot_command_with_a_corrupt_and_a_missing_trial(tiny_sweep, tmp_path, capsys):
     import shutil
 
@@ -80,8 +139,149 @@ def test_plot_command_with_a_corrupt_and_a_missing_trial(tiny_sweep, tmp_path, c
     assert len(report.figures) == 14 and all(p.stat().st_size > 0 for p in report.figures)
 
 
+@slow
 def test_plot_command_refuses_a_folder_without_a_sweep(tmp_path, capsys):
     assert main(["plot", str(tmp_path)]) == 2
     assert capsys.readouterr().err == (
         f"towerspace: error: {tmp_path}: no sweep here (no records/ folder)\n"
     )
+
+
+def test_continuum_draws_one_line_per_order():
+    fig = plots.continuum(_grid(orders=("spatial_first", "pointwise_first")))
+    (ax,) = fig.axes
+    assert len(ax.containers) == 2 and all(c.has_yerr for c in ax.containers)  # one per order
+    orders = ["pointwise_first", "spatial_first"]  # the summary's order
+    for bars, order, color in zip(ax.containers, orders, plots.COLORS, strict=False):
+        line = bars.lines[0]
+        assert list(line.get_xdata()) == pytest.approx([1, 2, 8])  # effective towers
+        means = [MEANS[order][p] for p in ("1", "2", "depthwise")]
+        assert list(line.get_ydata()) == pytest.approx(means)
+        assert to_hex(line.get_color()) == color.lower()
+    assert _legend(fig) == orders
+    assert fig.legends[0].get_title().get_text() == "order / mid / match"
+    dots = [c for c in ax.collections if isinstance(c, PathCollection)]
+    assert [len(c.get_offsets()) for c in dots] == [6, 6]  # each order's seeds, faintly
+    assert not plots.continuum(_grid()).legends  # one line: no legend
+
+
+def test_continuum_shades_each_end_present_in_the_data():
+    ax = plots.continuum(_grid(points=("1", "2", "depthwise"))).axes[0]
+    regular, depthwise = ax.patches  # one axvspan per end
+    assert (regular.get_x(), regular.get_x() + regular.get_width()) == pytest.approx(
+        (2**-0.3, 2**0.3))  # fmt: skip
+    assert (depthwise.get_x(), depthwise.get_x() + depthwise.get_width()) == pytest.approx(
+        (8 * 2**-0.3, 8 * 2**0.3))  # fmt: skip
+    assert [to_hex(p.get_facecolor()) for p in ax.patches] == ["#999999", "#56b4e9"]
+    assert [t.get_text() for t in ax.texts] == ["regular", "Inception-style", "depthwise"]
+    inner = plots.continuum(_grid(points=("2", "4"))).axes[0]
+    assert not inner.patches and [t.get_text() for t in inner.texts] == ["Inception-style"]
+    (band,) = plots.continuum(_grid(points=("2", "depthwise")), x="position").axes[0].patches
+    assert (band.get_x(), band.get_x() + band.get_width()) == pytest.approx((0.991, 1.009))
+
+
+def test_cost_and_pareto_axis_scales():
+    table = _grid()
+    for ax in plots.cost(table).axes:
+        assert ax.get_xscale() == "log" and ax.xaxis.get_transform().base == 2
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["1", "2", "depthwise"]
+        assert ax.get_ylim()[0] == 0
+    assert all(ax.get_xscale() == "linear" for ax in plots.cost(table, x="position").axes)
+    for cost in ("flops", "params", "throughput"):
+        ax = plots.pareto(table, cost=cost).axes[0]
+        assert ax.get_xscale() == "log" and ax.xaxis.get_transform().base == 10
+
+
+def test_pareto_colours_groups_and_draws_a_front_per_group():
+    fig = plots.pareto(_grid(orders=("spatial_first", "pointwise_first"), points=tuple(GRID)))
+    (ax,) = fig.axes
+    colors = [c.lower() for c in plots.COLORS[:2]]
+    assert [to_hex(c.get_facecolor()[0]) for c in ax.collections] == colors
+    assert [len(c.get_offsets()) for c in ax.collections] == [4, 4]
+    first, second = ax.get_lines()
+    # flops are 8000 / towers: depthwise is cheapest; what beats it differs between the orders
+    assert first.get_label() == "pointwise_first" and second.get_label() == "spatial_first"
+    assert list(first.get_xdata()) == [1000, 2000, 4000]
+    assert list(first.get_ydata()) == pytest.approx([0.70, 0.75, 0.88])
+    assert list(second.get_xdata()) == [1000, 8000]
+    assert list(second.get_ydata()) == pytest.approx([0.86, 0.90])
+    assert [to_hex(line.get_color()) for line in (first, second)] == colors
+    assert _legend(fig) == ["pointwise_first", "spatial_first"] and ax.get_legend() is None
+    single = plots.pareto(_grid()).axes[0]
+    assert [t.get_text() for t in single.get_legend().get_texts()] == ["Pareto front"]
+    assert [t.get_text() for t in single.texts] == ["1", "2", "depthwise"]  # every point named
+
+
+def test_edf_of_a_grid_has_a_curve_per_point():
+    fig = plots.edf(_grid())
+    assert _legend(fig) == ["1 (n=2)", "2 (n=2)", "depthwise (n=2)"]
+    one = fig.axes[0].get_lines()[0]
+    assert list(one.get_xdata()) == pytest.approx([0.09, 0.09, 0.11])  # errors, best first
+    assert list(one.get_ydata()) == [0, 0.5, 1]
+
+
+def test_edf_of_a_sampled_space_is_one_curve_per_population():
+    fig = plots.edf(_sampled())
+    assert _legend(fig) == ["sampled models (n=6)"]  # six models, each its mean over two seeds
+    assert fig.axes[0].get_title() == "e on digits: error EDF by population"
+    (line,) = fig.axes[0].get_lines()
+    errors = [0.15, 0.15, 0.18, 0.21, 0.24, 0.27, 0.30]
+    assert list(line.get_xdata()) == pytest.approx(errors)
+    assert list(line.get_ydata()) == pytest.approx(np.arange(7) / 6)
+    both = plots.edf(_sampled(orders=("spatial_first", "pointwise_first")))
+    assert _legend(both) == ["sampled models / spatial_first (n=6)",
+                             "sampled models / pointwise_first (n=6)"]  # fmt: skip
+    assert both.legends[0].get_title().get_text() == "population / order"
+    regime = plots.edf(_sampled(), by="regime")  # trials, regular end first
+    assert _legend(regime) == ["regular (n=2)", "inception (n=8)", "depthwise (n=2)"]
+    assert regime.axes[0].get_title() == "e on digits: error EDF by regime"
+
+
+def test_sampled_space_plots_points_not_lines():
+    table = _sampled()
+    ax = plots.continuum(table).axes[0]
+    (bars,) = ax.containers
+    assert list(bars.lines[0].get_xdata()) == pytest.approx(
+        [1, 2**0.5, 2, 8**0.5, 32**0.5, 8])  # effective towers, regular end first  # fmt: skip
+    assert bars.lines[0].get_linestyle() == "None" and not bars.has_yerr  # seeds as dots only
+    assert not any(t.get_text().startswith("random/") for t in ax.get_xticklabels())
+    assert len(ax.patches) == 2  # random/0 is regular, random/4 depthwise
+    assert all(ax.get_lines()[0].get_linestyle() == "None" for ax in plots.cost(table).axes)
+    pareto = plots.pareto(table).axes[0]
+    # only the front is named; random/3 costs what random/4 does but is less accurate
+    assert [t.get_text() for t in pareto.texts] == ["random/4", "random/5"]
+    assert list(pareto.get_lines()[0].get_ydata()) == pytest.approx([0.82, 0.85])
+
+
+def test_curves_title_and_populations():
+    history = pd.DataFrame([{"trial_id": f"{p}-{s}", "towers": p, "seed": s, "epoch": e,
+                             "val_acc": 0.1 * e + 0.01 * s + (p == "2") * 0.05}
+                            for p in ("1", "2") for s in (0, 1) for e in (1, 2, 3)])  # fmt: skip
+    ax = plots.curves(history).axes[0]
+    assert ax.get_title() == "validation accuracy per epoch"  # the history names no experiment
+    one, two = ax.get_lines()
+    assert list(one.get_ydata()) == pytest.approx([0.105, 0.205, 0.305])  # mean over seeds
+    assert list(two.get_ydata()) == pytest.approx([0.155, 0.255, 0.355])
+    titled = plots.curves(history, results=_grid()).axes[0].get_title()
+    assert titled == "e on digits: validation accuracy per epoch"
+    sampled = history.assign(towers=history["towers"].map({"1": "random/1", "2": "random/2"}))
+    fig = plots.curves(sampled)
+    assert len(fig.axes[0].get_lines()) == 3  # each model faintly, then the population's mean
+    assert list(fig.axes[0].get_lines()[-1].get_ydata()) == pytest.approx([0.13, 0.23, 0.33])
+    assert _legend(fig) == ["sampled models (n=2)"]
+
+
+def test_report_of_a_sampled_space(tmp_path):
+    for row in _sampled().to_dict("records"):
+        realized = json.loads(row.pop("realized_towers"))
+        history = [{"epoch": 1, "val_acc": row["final_val_acc"] - 0.1},
+                   {"epoch": 2, "val_acc": row["final_val_acc"]}]  # fmt: skip
+        record = {**row, "realized": realized, "history": history}
+        results.write_json(tmp_path / "records" / f"{row['trial_id']}.json", record)
+    report = write_report(tmp_path)
+    assert len(report.figures) == 14 and all(p.stat().st_size > 5_000 for p in report.figures)
+    assert report.warnings == [] and len(report.summary) == 6
+    table = results.load(tmp_path)
+    (bars,) = plots.continuum(table).axes[0].containers
+    assert list(bars.lines[0].get_xdata()) == pytest.approx([1, 2**0.5, 2, 8**0.5, 32**0.5, 8])
+    assert _legend(plots.edf(table)) == ["sampled models (n=6)"]

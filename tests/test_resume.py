@@ -79,13 +79,23 @@ def test_resume_after_a_kill_reruns_nothing_and_loses_nothing(tmp_path, how):
         assert [h["epoch"] for h in after[trial_id]["history"]] == list(range(1, 9))
 
 
-def test_resume_refuses_what_it_cannot_resume(tmp_path):
+def test_resume_refuses_what_it_cannot_resume(tmp_path, capsys):
     from towerspace.cli import main
 
-    assert main(["sweep", EXPERIMENT, "--storage", str(tmp_path), "--resume"]) == 2
+    argv = ["sweep", EXPERIMENT, "--storage", str(tmp_path), "--resume"]
+    assert main(argv) == 2
+    assert capsys.readouterr().err == (
+        f"towerspace: error: --resume: no sweep named 'digits_continuum' under {tmp_path}\n"
+    )
+    assert list(tmp_path.iterdir()) == []  # nothing written
     (tmp_path / "digits_continuum").mkdir()
     (tmp_path / "digits_continuum" / "notes.txt").write_text("not a sweep")
-    assert main(["sweep", EXPERIMENT, "--storage", str(tmp_path), "--resume"]) == 2
+    assert main(argv) == 2
+    assert capsys.readouterr().err == (
+        f"towerspace: error: --resume: {tmp_path}/digits_continuum is not a towerspace sweep (no "
+        f"readable experiment.json)\n"
+    )
+    assert [p.name for p in (tmp_path / "digits_continuum").iterdir()] == ["notes.txt"]
     assert (tmp_path / "digits_continuum" / "notes.txt").read_text() == "not a sweep"
 
 

@@ -7,6 +7,8 @@ import pytest
 
 from towerspace import config, results
 from towerspace.cli import main
+from towerspace.impls import IMPLS
+from towerspace.models import build_model
 from towerspace.sweep import run_sweep
 
 REPO = Path(__file__).resolve().parent.parent
@@ -42,6 +44,10 @@ def test_grid_sweep_writes_one_finished_row_per_trial(tiny_sweep):
     assert len(history) == 6 and set(history["epoch"]) == {1}
     # the same seed and point gives the same parameters: the budget solve is deterministic
     assert table.groupby("towers")["params"].nunique().max() == 1
+    for _, row in table.drop_duplicates("towers").iterrows():  # against the built model itself
+        cfg = config.from_dict(json.loads(row["config"]))
+        model = build_model(cfg.model, in_chans=1, num_classes=10, image_size=16)
+        assert row["params"] == sum(p.numel() for p in model.parameters())
 
 
 def test_optuna_search_repeats_each_point_over_the_seeds(tmp_path):
@@ -91,3 +97,37 @@ def test_every_experiment_runs_in_smoke_mode(path, tmp_path, capsys):
     assert len(table) == expected and set(table["status"]) == {"finished"}
     assert f"results: {tmp_path / path.stem / 'results.parquet'}" in out
     assert f"  {tmp_path / path.stem / 'plots' / 'continuum.png'}" in out  # the sweep ends in plots
+
+
+
+def test_impl_auto_trials_share_one_file_of_kernel_choices(tmp_path):
+    cfg = _digits("model.impl=auto", "model.match=none", "train.max_steps=2",
+                  "space.params={model.towers: {grid: [4, depthwise]}}")  # fmt: skip
+    outcome = run_sweep(cfg, storage=tmp_path)
+    assert outcome.statuses == {"finished": 2}
+    saved = json.loads((outcome.sweep_dir / "impl_choices.json").read_text())
+    assert saved["version"] == 2 and set(saved["choices"].values()) <= set(IMPLS)
+    table = results.load(outcome.results_path)
+    realized = {f"t{layer['towers']}" for r in table["realized_towers"]
+                for layer in json.loads(r).values()}  # fmt: skip
+    chosen = {key.split("|")[-3] for key in saved["choices"]}
+    assert chosen == realized  # every layer shape of both trials, timed once, in one file
+    assert {key.split("|")[3] for key in saved["choices"]} == {"train", "eval"}
+
+
+@pytest.mark.parametrize(
+    ("space", "labels"), [("group_width", ["gw1", "gw64"]), ("layerwise_random", None)]
+)
+def test_the_spaces_no_shipped_experiment_uses_run_too(space, labels, tmp_path, capsys):
+    exp = str(REPO / "experiments/digits_continuum.yaml")
+    argv = ["sweep", exp, "--smoke", "--set", f"space={space}", "--storage", str(tmp_path)]
+    assert main(argv) == 0
+    table = results.load(tmp_path / "digits_continuum")
+    assert len(table) == 2 and set(table["status"]) == {"finished"}
+    if labels:  # the ends of the grid
+        assert sorted(table["towers"]) == labels
+    else:  # two sampled models, each layer at its own position
+        assert all(t.startswith("random/") for t in table["towers"])
+        realized = [json.loads(r) for r in table["realized_towers"]]
+        assert all(len({s["towers"] for s in r.values()}) > 1 for r in realized)
+    assert (tmp_path / "digits_continuum" / "plots" / "edf.png").is_file()

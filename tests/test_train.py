@@ -7,7 +7,15 @@ import torch
 from torch import nn
 
 from towerspace.data import DataConfig, load
-from towerspace.train import Diverged, TrainConfig, Trainer, lr_factor, paper_imagenet
+from towerspace.train import (
+    Diverged,
+    TrainConfig,
+    Trainer,
+    lr_factor,
+    paper_imagenet,
+    peak_memory_mb,
+    reset_peak_memory,
+)
 
 KEYS = {"epoch", "train_loss", "val_loss", "val_acc", "val_top5", "lr", "epoch_time_s",
         "train_images_per_s", "peak_memory_mb"}  # fmt: skip
@@ -107,3 +115,16 @@ def test_cuda_is_refused_without_a_gpu(digits):
         pytest.skip("a GPU is present")
     with pytest.raises(ValueError, match=r"train\.device: 'cuda' was asked for but no CUDA"):
         Trainer(_net(), digits, TrainConfig(device="cuda"), seed=0)
+
+
+def test_peak_memory_is_per_trial_on_the_cpu():
+    cpu = torch.device("cpu")
+    big = torch.ones(50_000_000)  # 200 MB held, then released: an earlier trial's peak
+    del big
+    before = peak_memory_mb(cpu)
+    reset_peak_memory(cpu)
+    after = peak_memory_mb(cpu)
+    assert before - after > 150  # the earlier peak is gone
+    held = torch.ones(25_000_000)  # 100 MB in this "trial"
+    assert peak_memory_mb(cpu) - after > 90
+    del held

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -13,6 +14,7 @@ from scipy import stats
 GROUPS = ("order", "mid", "match")  # curves of one continuum: the same order, mid op and budget
 METRIC = "final_val_acc"
 REGIMES = ("regular", "inception", "depthwise")
+SAMPLED = re.compile(r"^random/\d+")  # labels of models drawn from a population (layerwise_random)
 
 
 def derive(results: pd.DataFrame) -> pd.DataFrame:
@@ -25,9 +27,21 @@ def derive(results: pd.DataFrame) -> pd.DataFrame:
         for r in realized
     ]
     table["regime"] = [_regime(r) for r in realized]
+    table["population"] = [population(label) for label in table["towers"]]
     if "position" not in table:
         table["position"] = [float(np.mean([s["position"] for s in r.values()])) for r in realized]
     return table
+
+
+def population(label: object) -> str:
+    """'sampled models' (plus any overrides) for a model drawn at random, else the label itself."""
+    return SAMPLED.sub("sampled models", str(label))
+
+
+def is_population(table: pd.DataFrame) -> bool:
+    """Whether every point is a model drawn from a population (labels 'random/<seed>')."""
+    labels = table["towers"].astype(str)
+    return bool(len(labels)) and bool(labels.str.match(SAMPLED.pattern).all())
 
 
 def _geomean(values: Sequence[float]) -> float:
@@ -87,9 +101,24 @@ def summarize(
     return summary
 
 
+def reference_point(results: pd.DataFrame) -> str:
+    """'depthwise' if it finished, else the finished point nearest the depthwise end.
+
+    Nearest means the highest mean position over its trials; ties go to the first label.
+    """
+    done = derive(results).query("status == 'finished'")
+    if done.empty:
+        raise ValueError("no finished trials: nothing to compare against")
+    if "depthwise" in set(done["towers"]):
+        return "depthwise"
+    position = done.groupby("towers", as_index=False)["position"].mean()
+    ranked = position.sort_values(["position", "towers"], ascending=[False, True], kind="stable")
+    return ranked["towers"].iloc[0]
+
+
 def compare(
     results: pd.DataFrame,
-    reference: str = "depthwise",
+    reference: str | None = None,
     metric: str = METRIC,
     *,
     n_boot: int = 10_000,
@@ -97,14 +126,16 @@ def compare(
 ) -> pd.DataFrame:
     """Paired differences against a reference point, pairing trials by seed, with bootstrap CIs.
 
-    For each point (and order / mid / budget group), diff = metric(point, seed) -
-    metric(reference, seed) over the seeds both finished; the 95% interval is a percentile
-    bootstrap of the mean difference.
+    The reference defaults to reference_point(): 'depthwise', or the finished point closest to
+    it; the `reference` column says which was used. For each point (and order / mid / budget
+    group), diff = metric(point, seed) - metric(reference, seed) over the seeds both finished;
+    the 95% interval is a percentile bootstrap of the mean difference.
     """
     table = derive(results)
     done = table[table["status"] == "finished"]
     keys = _groups(table, ("towers",))
     rest = keys[1:]
+    reference = reference_point(results) if reference is None else reference
     if reference not in set(done["towers"]):
         raise ValueError(f"reference {reference!r} is not a finished point; points: "
                          f"{', '.join(sorted(set(done['towers'])))}")  # fmt: skip

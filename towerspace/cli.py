@@ -286,7 +286,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     table = profile.block_speed(
         args.channels, args.size, batch=args.batch, towers=towers, impls=impls,
-        stride=args.stride, backward=not args.forward_only, channels_last=args.channels_last,
+        stride=args.stride, mid=args.mid, folded=not impls or "as_conv2d" in impls,
+        backward=not args.forward_only, channels_last=args.channels_last,
         dtype=dtype[args.dtype], device=args.device, repeats=args.repeats,
     )  # fmt: skip
     roofs = profile.machine_roofs(args.device, dtype[args.dtype])
@@ -294,19 +295,16 @@ def cmd_profile(args: argparse.Namespace) -> int:
     title = (f"TowerConv2d({args.channels}, {args.channels}) at {args.size}x{args.size}, batch "
              f"{args.batch}, {mode}, {args.dtype}, {'NHWC' if args.channels_last else 'NCHW'}, "
              f"{args.device}, {torch.get_num_threads()} threads")  # fmt: skip
-    shown = table.drop(columns=["flops", "bytes"]).round(3)
-    _print_table(shown, title)
-    print(f"machine: dense 3x3 conv {roofs['dense_conv_gflops_per_s']:.1f} GFLOP/s, copy "
-          f"bandwidth {roofs['bandwidth_gb_per_s']:.1f} GB/s")  # fmt: skip
-    out = Path(args.out)
-    table.to_csv(out.with_suffix(".csv"), index=False)
-    paths = plots.save(plots.speed(table, roofs, title=title), out)
-    print("wrote:", out.with_suffix(".csv"), *paths)
+    _print_table(table.drop(columns=["flops", "bytes"]).round(3), title)
+    csv = _write_table(table, roofs, Path(args.out))
+    print("wrote:", csv, *plots.save(plots.speed(table, roofs, title=title), Path(args.out)))
     return 0
 
 
 def _profile_model(args: argparse.Namespace) -> int:
-    from towerspace import profile
+    import torch
+
+    from towerspace import plots, profile
 
     points = tables.parse_points(args.towers or "1,2,4,8,16,depthwise")
     impl = (args.impls or "native").split(",")[0]
@@ -315,11 +313,24 @@ def _profile_model(args: argparse.Namespace) -> int:
         repeats=args.repeats, width=args.width, middle_blocks=args.middle_blocks,
         stem="small" if args.size <= 64 else "imagenet", match=args.match,
     )  # fmt: skip
-    _print_table(table.round(3), f"Xception width {args.width}, {args.middle_blocks} middle "
-                                 f"blocks, {args.size}px, batch {args.batch}, training step, "
-                                 f"impl={impl}, match={args.match}")  # fmt: skip
-    table.to_csv(Path(args.out).with_suffix(".csv"), index=False)
+    roofs = profile.machine_roofs(args.device)
+    title = (f"Xception width {args.width}, {args.middle_blocks} middle blocks, {args.size}px, "
+             f"batch {args.batch}, training step, impl={impl}, match={args.match}, "
+             f"{args.device}, {torch.get_num_threads()} threads")  # fmt: skip
+    _print_table(table.drop(columns=["flops", "bytes"]).round(3), title)
+    csv = _write_table(table, roofs, Path(args.out))
+    fig = profile.model_speed_figure(table, roofs, title=title)
+    print("wrote:", csv, *plots.save(fig, Path(args.out)))
     return 0
+
+
+def _write_table(table: pd.DataFrame, roofs: dict[str, float], out: Path) -> Path:
+    """Print the machine's roofs and write the profile table as out.csv."""
+    print(f"machine: dense 3x3 conv {roofs['dense_conv_gflops_per_s']:.1f} GFLOP/s, copy "
+          f"bandwidth {roofs['bandwidth_gb_per_s']:.1f} GB/s")  # fmt: skip
+    out.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out.with_suffix(".csv"), index=False)
+    return out.with_suffix(".csv")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -435,7 +446,11 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument(
         "--impls",
         default=None,
-        help="comma list of implementations (default: the candidates per count)",
+        help="comma list of implementations, as_conv2d for the folded dense conv "
+        "(default: the candidates per count and as_conv2d)",
+    )
+    prof.add_argument(
+        "--mid", choices=MIDS, default="none", help="between the two convs (none: as_conv2d row)"
     )
     prof.add_argument("--forward-only", action="store_true", help="time inference only")
     prof.add_argument("--channels-last", action="store_true", help="NHWC inputs and weights")

@@ -591,7 +591,7 @@ def _set_copy(base: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
 SMOKE_OVERRIDES = (
     "train.epochs=1", "train.max_steps=2", "model.width=0.125", "model.middle_blocks=1",
     "data.name=synthetic", "data.root=null", "data.num_samples=64", "resources.gpus=0",
-    "resources.cpus=1", "resources.workers=1", "scheduler.grace_period=1",
+    "resources.cpus=1", "resources.workers=1", "model.impl=native", "scheduler.grace_period=1",
 )  # fmt: skip
 
 

@@ -104,10 +104,15 @@ def candidates(channels: int, groups: int) -> list[str]:
 
 
 def signature(block: nn.Module, x: Tensor, training: bool) -> str:
-    """What the fastest implementation depends on: the block, input shape, layout, dtype, mode."""
+    """What the fastest implementation depends on, apart from the batch size.
+
+    The block, one image's shape (channels × height × width), layout, dtype, device and mode:
+    a trial's last partial batch and its evaluation batches reuse the choice timed at the
+    first batch size seen, instead of timing every candidate again mid-trial.
+    """
     nhwc = x.is_contiguous(memory_format=torch.channels_last) and x.shape[1] > 1
     return (f"{x.device.type}|{str(x.dtype).removeprefix('torch.')}|{'nhwc' if nhwc else 'nchw'}|"
-            f"{'train' if training else 'eval'}|{'x'.join(map(str, x.shape))}|"
+            f"{'train' if training else 'eval'}|{'x'.join(map(str, x.shape[1:]))}|"
             f"{block.in_channels}>{block.out_channels}|k{block.kernel_size}|s{block.stride}|"
             f"d{block.dilation}|t{block.towers}|{block.order}|{block.mid}")  # fmt: skip
 
@@ -149,36 +154,54 @@ def time_block(
     return best
 
 
+CACHE_VERSION = 2  # 1: a flat {signature: impl} file whose signatures held the batch size
+
+
 class Chooser:
     """Remembers the fastest implementation per signature, timing each signature once.
 
     Choices live in memory and, given a path, in a JSON file that later processes reuse (so a
-    sweep's trials share them, and reruns choose alike).
+    sweep's trials share them, and reruns choose alike). The file is
+    {"version": CACHE_VERSION, "choices": {...}}; a file of another version is ignored, then
+    replaced on the next save.
     """
 
-    def __init__(self, path: str | Path | None = None, repeats: int = 5) -> None:
+    def __init__(
+        self, path: str | Path | None = None, repeats: int = 5, min_time: float = 0.02
+    ) -> None:
         self.path = Path(path) if path else None
-        self.repeats = repeats
+        self.repeats, self.min_time = repeats, min_time
         self.choices: dict[str, str] = {}
         self.measured = 0  # how many signatures this chooser timed itself
-        if self.path and self.path.is_file():
-            self.choices.update(json.loads(self.path.read_text()))
+        self.choices.update(self._read())
 
     def choose(self, block: nn.Module, x: Tensor, training: bool) -> str:
         """The fastest implementation for this block and input (timed on first sight)."""
         key = signature(block, x, training)
         if key not in self.choices:
-            times = time_block(block, x, training, self.repeats)
+            times = time_block(block, x, training, self.repeats, self.min_time)
             self.choices[key] = min(times, key=times.get)
             self.measured += 1
             if self.path:
                 self._save()
         return self.choices[key]
 
+    def _read(self) -> dict[str, str]:
+        """The file's choices, or none if it is missing or of another version."""
+        if not (self.path and self.path.is_file()):
+            return {}
+        saved = json.loads(self.path.read_text())
+        if not isinstance(saved, dict) or saved.get("version") != CACHE_VERSION:
+            return {}
+        return dict(saved["choices"])
+
     def _save(self) -> None:
+        """Write the file atomically, keeping choices other processes saved meanwhile."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        choices = {**self._read(), **self.choices}
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(self.choices, indent=1, sort_keys=True))
+        tmp.write_text(json.dumps({"version": CACHE_VERSION, "choices": choices}, indent=1,
+                                  sort_keys=True))  # fmt: skip
         os.replace(tmp, self.path)
 
 
@@ -189,4 +212,17 @@ def default_chooser() -> Chooser:
     """The process's chooser; TOWERSPACE_IMPL_CACHE names a JSON file that keeps its choices."""
     if not _DEFAULT:
         _DEFAULT.append(Chooser(os.environ.get("TOWERSPACE_IMPL_CACHE")))
+    return _DEFAULT[0]
+
+
+def share_choices(path: str | Path) -> Chooser:
+    """Make the process's chooser keep its choices in path (a sweep's file), unless
+    TOWERSPACE_IMPL_CACHE names one already; choices made so far are kept."""
+    if os.environ.get("TOWERSPACE_IMPL_CACHE"):
+        return default_chooser()
+    chooser = default_chooser()
+    if chooser.path != Path(path):
+        shared = Chooser(path, chooser.repeats, chooser.min_time)
+        shared.choices = {**chooser.choices, **shared.choices}
+        _DEFAULT[0] = shared
     return _DEFAULT[0]

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.ticker import ScalarFormatter
 
 from towerspace import analysis
 
@@ -25,10 +26,15 @@ COSTS = {
 }
 
 
+def _names(table: pd.DataFrame, column: str) -> str:
+    return ", ".join(sorted(map(str, table[column].dropna().unique()))) if column in table else ""
+
+
 def _title(table: pd.DataFrame, what: str) -> str:
-    exp = ", ".join(sorted(map(str, table["experiment"].dropna().unique()))) or "sweep"
-    data = ", ".join(sorted(map(str, table["data"].dropna().unique()))) if "data" in table else ""
-    return f"{exp}{f' on {data}' if data else ''}: {what}"
+    """'experiment on data: what', with whatever of the two the table names."""
+    exp, data = _names(table, "experiment"), _names(table, "data")
+    head = f"{exp or 'sweep'} on {data}" if data else exp
+    return f"{head}: {what}" if head else what
 
 
 def _label(key: tuple | str) -> str:
@@ -51,11 +57,18 @@ def _lines(summary: pd.DataFrame):
     yield from summary.groupby(keys, sort=False)
 
 
+def _linestyle(summary: pd.DataFrame) -> str:
+    # models drawn at random have no order along the continuum: points, not a line through them
+    return "none" if analysis.is_population(summary) else "-"
+
+
 def _axis(ax, x: str, summary: pd.DataFrame) -> None:
     ax.set_xlabel(AXES[x][1])
     if AXES[x][2]:
         ax.set_xscale("log", base=2)
-    if x == "towers":  # points are named as asked; they sit at the geometric mean over layers
+    if x == "towers" and analysis.is_population(summary):  # too many points to name
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+    elif x == "towers":  # points are named as asked; they sit at the geometric mean over layers
         ticks = summary.drop_duplicates("towers")
         ax.set_xticks(ticks["effective_towers"], ticks["towers"], fontsize=8)
         ax.minorticks_off()
@@ -92,9 +105,10 @@ def continuum(results: pd.DataFrame, x: str = "towers", metric: str = analysis.M
         color = COLORS[i % len(COLORS)]
         xs, mean = _x(line, x), line["mean"]
         low, high = line["ci_low"].clip(0, 1), line["ci_high"].clip(0, 1)  # accuracy's range
-        err = np.vstack([mean - low, high - mean])
-        ax.errorbar(xs, mean, yerr=np.nan_to_num(err), color=color, marker="o", capsize=3,
-                    label=_label(key))  # fmt: skip
+        err = np.nan_to_num(np.vstack([mean - low, high - mean]))
+        sampled = analysis.is_population(line)  # a model's few seeds: its dots say enough
+        ax.errorbar(xs, mean, yerr=None if sampled else err, color=color, marker="o", capsize=3,
+                    ls=_linestyle(line), label=_label(key))  # fmt: skip
         keys = [c for c in analysis.GROUPS if c in line and line[c].nunique() == 1]
         mine = trials.merge(line[keys].drop_duplicates(), on=keys) if keys else trials
         ax.scatter(_x(mine, x), mine[metric], color=color, alpha=0.45, s=18, lw=0, zorder=3)
@@ -114,7 +128,7 @@ def cost(results: pd.DataFrame, x: str = "towers") -> Figure:
     for ax, (column, label, _) in zip(axes, COSTS.values(), strict=True):
         for i, (key, line) in enumerate(_lines(summary)):
             ax.plot(_x(line, x), line[column], marker="o", color=COLORS[i % len(COLORS)],
-                    label=_label(key))  # fmt: skip
+                    ls=_linestyle(line), label=_label(key))  # fmt: skip
         _axis(ax, x, summary)
         ax.set_ylabel(label)
         ax.set_ylim(bottom=0)
@@ -123,31 +137,43 @@ def cost(results: pd.DataFrame, x: str = "towers") -> Figure:
 
 
 def pareto(results: pd.DataFrame, cost: str = "flops", metric: str = analysis.METRIC) -> Figure:
-    """Accuracy against a cost, each point labelled by towers, the Pareto front marked."""
+    """Accuracy against a cost: one colour and one Pareto front per order / mid / match group."""
     if cost not in COSTS:
         raise ValueError(f"cost={cost!r} is not one of: {', '.join(COSTS)}")
     column, label, higher_is_better = COSTS[cost]
-    summary = analysis.summarize(results, metric=metric)
+    lines = list(_lines(analysis.summarize(results, metric=metric)))
     fig = Figure(figsize=(6.5, 4.5), layout="constrained")
     ax = fig.add_subplot()
-    ax.scatter(summary[column], summary["mean"], color=COLORS[0], zorder=3)
-    for _, row in summary.iterrows():
-        ax.annotate(str(row["towers"]), (row[column], row["mean"]), xytext=(4, 4),
-                    textcoords="offset points", fontsize=8)  # fmt: skip
-    front = pareto_front(summary, column, higher_is_better)
-    ax.plot(front[column], front["mean"], color=COLORS[3], marker="D", mfc="none", ms=10,
-            label="Pareto front", zorder=2)  # fmt: skip
+    for i, (key, line) in enumerate(lines):
+        color = COLORS[i % len(COLORS)]
+        front = pareto_front(line, column, higher_is_better)
+        ax.scatter(line[column], line["mean"], color=color, zorder=3)
+        ax.plot(front[column], front["mean"], color=color, marker="D", mfc="none", ms=10,
+                label=_label(key) if len(lines) > 1 else "Pareto front", zorder=2)  # fmt: skip
+        _name_points(ax, front if analysis.is_population(line) else line, column)
     ax.set_xscale("log")
     ax.set_xlabel(label + (" (higher is better)" if higher_is_better else ""))
     ax.set_ylabel("validation accuracy (mean over seeds)")
-    ax.legend(loc="best", fontsize=8)
+    if len(lines) > 1:
+        title = "Pareto front of\norder / mid / match"
+        fig.legend(loc="outside right upper", fontsize=8, title=title)
+    else:
+        ax.legend(loc="best", fontsize=8)
     ax.set_title(_title(results, f"accuracy against {label}"), fontsize=10)
     return fig
 
 
+def _name_points(ax, points: pd.DataFrame, column: str) -> None:
+    """Label each point with its towers as asked."""
+    for _, row in points.iterrows():
+        ax.annotate(str(row["towers"]), (row[column], row["mean"]), xytext=(4, 4),
+                    textcoords="offset points", fontsize=8)  # fmt: skip
+
+
 def pareto_front(summary: pd.DataFrame, column: str, higher_is_better: bool) -> pd.DataFrame:
     """Points no other point beats on both accuracy and cost, sorted by cost."""
-    ordered = summary.sort_values(column, ascending=not higher_is_better)
+    # on a tie in cost the more accurate point comes first, so the other is dominated
+    ordered = summary.sort_values([column, "mean"], ascending=[not higher_is_better, False])
     best, keep = -np.inf, []
     for index, acc in ordered["mean"].items():
         if acc > best:
@@ -157,38 +183,64 @@ def pareto_front(summary: pd.DataFrame, column: str, higher_is_better: bool) -> 
 
 
 def edf(results: pd.DataFrame, by: str = "towers", metric: str = analysis.METRIC) -> Figure:
-    """Empirical distribution of error per group (the RegNet paper's EDF)."""
+    """Empirical distribution of error per group (the RegNet paper's EDF).
+
+    By towers, models drawn at random ('random/<seed>') make one curve per population (and per
+    order / mid / match if those vary), each model counted once at its mean over seeds.
+    """
     trials = analysis.derive(results)
-    trials = trials[trials["status"] == "finished"]
+    keys, samples = _edf_samples(trials[trials["status"] == "finished"], by, metric)
     fig = Figure(figsize=(6.5, 4.5), layout="constrained")
     ax = fig.add_subplot()
-    groups = trials.groupby(by, sort=False)
-    order = groups["position"].mean().sort_values().index if by == "towers" else groups.groups
+    groups = samples.groupby(keys, sort=False)
+    order = groups["position"].mean().sort_values(kind="stable").index  # regular end first
     for i, name in enumerate(order):
-        errors = np.sort(1.0 - groups.get_group(name)[metric].to_numpy())
+        group = groups.get_group(name if isinstance(name, tuple) else (name,))
+        errors = np.sort(1.0 - group[metric].to_numpy())
         errors = np.concatenate([errors[:1], errors])  # the EDF rises from 0 at the best model
         fraction = np.arange(len(errors)) / (len(errors) - 1)
         ax.step(errors, fraction, where="post", color=COLORS[i % len(COLORS)],
-                label=f"{name} (n={len(errors) - 1})")  # fmt: skip
+                label=f"{_label(name)} (n={len(errors) - 1})")  # fmt: skip
     ax.set_xlabel("validation error (1 - top-1 accuracy)")
     ax.set_ylabel("cumulative fraction of models")
     ax.set_ylim(0, 1.02)
-    fig.legend(loc="outside right upper", fontsize=8, title=by)
-    ax.set_title(_title(results, f"error EDF by {by}"), fontsize=10)
+    fig.legend(loc="outside right upper", fontsize=8, title=" / ".join(keys))
+    ax.set_title(_title(results, f"error EDF by {' / '.join(keys)}"), fontsize=10)
     return fig
 
 
-def curves(history: pd.DataFrame, metric: str = "val_acc") -> Figure:
-    """Validation accuracy per epoch, one line per point (mean over seeds)."""
+def _edf_samples(trials: pd.DataFrame, by: str, metric: str) -> tuple[list[str], pd.DataFrame]:
+    """The columns an EDF groups by, and its rows: trials, or one row per sampled model."""
+    if by != "towers" or not analysis.is_population(trials):
+        return [by], trials
+    keys = ["population", *(c for c in analysis.GROUPS if c in trials and trials[c].nunique() > 1)]
+    models = trials.groupby(["towers", *keys], sort=False, dropna=False)[[metric, "position"]]
+    return keys, models.mean().reset_index()
+
+
+def curves(
+    history: pd.DataFrame, metric: str = "val_acc", results: pd.DataFrame | None = None
+) -> Figure:
+    """Validation accuracy per epoch, one line per point (mean over seeds).
+
+    Models drawn at random are one line per population (their mean) over a faint line per model.
+    The title names the experiment and data from `results` (the history table lacks them).
+    """
     fig = Figure(figsize=(6.5, 4.5), layout="constrained")
     ax = fig.add_subplot()
-    means = history.groupby(["towers", "epoch"], sort=False)[metric].mean().reset_index()
-    for i, (towers, line) in enumerate(means.groupby("towers", sort=False)):
-        ax.plot(line["epoch"], line[metric], color=COLORS[i % len(COLORS)], label=str(towers))
+    history = history.assign(population=[analysis.population(t) for t in history["towers"]])
+    for i, (name, rows) in enumerate(history.groupby("population", sort=False)):
+        models = rows.groupby(["towers", "epoch"], sort=False)[metric].mean().unstack("towers")
+        color, n = COLORS[i % len(COLORS)], models.shape[1]
+        if n > 1:
+            ax.plot(models.index, models.to_numpy(), color=color, alpha=0.25, lw=0.8)
+        ax.plot(models.index, models.mean(axis=1).to_numpy(), color=color,
+                label=f"{name} (n={n})" if n > 1 else str(name))  # fmt: skip
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation accuracy (top-1, mean over seeds)")
     fig.legend(loc="outside right upper", fontsize=8, title="towers")
-    ax.set_title("validation accuracy per epoch", fontsize=10)
+    ax.set_title(_title(history if results is None else results, "validation accuracy per epoch"),
+                 fontsize=10)  # fmt: skip
     return fig
 
 

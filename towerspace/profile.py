@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import copy
+import ctypes
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from towerspace.block import TowerConv2d, divisors
+from towerspace.block import Complexity, TowerConv2d, divisors
 from towerspace.impls import IMPLS, Chooser, candidates
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def _sync(device: torch.device) -> None:
@@ -46,14 +54,20 @@ def time_interleaved(
     return times
 
 
-def _layer_step(block: TowerConv2d, x: torch.Tensor, backward: bool) -> Callable[[], object]:
+def _layer_step(layer: nn.Module, x: torch.Tensor, backward: bool) -> Callable[[], object]:
     def step() -> object:
-        out = block(x)
+        out = layer(x)
         if backward:
             out.backward(torch.ones_like(out))
         return out
 
     return step
+
+
+def _impls_at(channels: int, towers: int, impls: list[str] | None) -> list[str]:
+    """The implementations to time at one tower count (only native at one tower)."""
+    names = impls or candidates(channels, towers)
+    return [n for n in names if n in ("auto", *IMPLS) and (n == "native" or towers > 1)]
 
 
 def block_speed(
@@ -64,6 +78,8 @@ def block_speed(
     towers: list[int] | None = None,
     impls: list[str] | None = None,
     stride: int = 1,
+    mid: str = "none",
+    folded: bool = False,
     backward: bool = True,
     channels_last: bool = False,
     dtype: torch.dtype = torch.float32,
@@ -74,48 +90,102 @@ def block_speed(
     """Time of TowerConv2d(channels, channels) per tower count and implementation.
 
     One row per (towers, impl): the median time per batch over interleaved repeats, the spread
-    (max/min), throughput and achieved FLOP/s (FLOPs by formula: forward, or 3× for training).
-    impls=None times native and the candidates worth trying at each count.
+    (max/min), throughput, achieved FLOP/s (FLOPs by formula: forward, or 3× for training) and
+    peak_mb, the memory one call adds (see _peak_mb; NaN where it cannot be measured).
+    impls=None times native and the candidates worth trying at each count. folded=True (with
+    mid='none') adds impl='as_conv2d': the block folded into one dense conv (as_conv2d()), timed
+    once, since its cost does not depend on the tower count it came from, and repeated at every
+    count as a reference. Its FLOP/s count the block's FLOPs (the same function), so it compares
+    by time; `fastest` marks the fastest implementation of the block, never this reference.
     """
     dev = torch.device(device)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(batch, channels, size, size, device=dev, dtype=dtype)
     x = x.contiguous(memory_format=fmt).requires_grad_(backward)
-    fns, meta = {}, {}
+    fns, costs, keys = {}, {}, []
     for t in towers or divisors(channels):
-        for impl in impls or candidates(channels, t):
-            if impl not in ("auto", *IMPLS) or (impl != "native" and t == 1):
-                continue
-            block = TowerConv2d(channels, channels, stride=stride, towers=t, impl=impl)
-            block = block.to(dev, dtype, memory_format=fmt)
-            fns[f"{t}/{impl}"] = _layer_step(block, x, backward)
-            meta[f"{t}/{impl}"] = (t, impl, block.complexity(size, size))
+        block = TowerConv2d(channels, channels, stride=stride, towers=t, mid=mid)
+        costs[t] = block.complexity(size, size)
+        for impl in _impls_at(channels, t, impls):
+            block.impl = impl
+            fns[f"{t}/{impl}"] = _layer_step(copy.deepcopy(block).to(dev, dtype, memory_format=fmt),
+                                             x, backward)  # fmt: skip
+            keys.append((t, impl, f"{t}/{impl}"))
+    if folded and mid == "none":
+        fns["as_conv2d"] = _layer_step(block.as_conv2d().to(dev, dtype, memory_format=fmt), x,
+                                       backward)  # fmt: skip
+        keys += [(t, "as_conv2d", "as_conv2d") for t in costs]
     times = time_interleaved(fns, dev, repeats, min_time)
     peaks = {key: _peak_mb(fn, dev) for key, fn in fns.items()}
-    rows = []
-    for key, (t, impl, cost) in meta.items():
-        median = statistics.median(times[key])
-        flops = batch * (cost.training_flops if backward else cost.flops)
-        rows.append({"towers": t, "group_width": channels // t, "impl": impl,
-                     "time_ms": 1e3 * median, "spread": max(times[key]) / min(times[key]),
-                     "images_per_s": batch / median, "gflops_per_s": flops / median / 1e9,
-                     "peak_mb": peaks[key], "flops": flops,
-                     "bytes": _bytes(x, cost, backward)})  # fmt: skip
-    table = pd.DataFrame(rows)
-    table["fastest"] = table["time_ms"] == table.groupby("towers")["time_ms"].transform("min")
+    rows = [_speed_row(t, impl, times[key], peaks[key], costs[t], x, backward)
+            for t, impl, key in keys]  # fmt: skip
+    return _mark_fastest(pd.DataFrame(rows).sort_values("towers", kind="stable", ignore_index=True))
+
+
+def _speed_row(
+    towers: int, impl: str, times: list[float], peak: float, cost: Complexity, x: torch.Tensor,
+    backward: bool,
+) -> dict:  # fmt: skip
+    """One row of block_speed's table."""
+    batch, channels = x.shape[0], x.shape[1]
+    median = statistics.median(times)
+    flops = batch * (cost.training_flops if backward else cost.flops)
+    return {"towers": towers, "group_width": channels // towers, "impl": impl,
+            "time_ms": 1e3 * median, "spread": max(times) / min(times),
+            "images_per_s": batch / median, "gflops_per_s": flops / median / 1e9,
+            "peak_mb": peak, "flops": flops, "bytes": _bytes(x, cost, backward)}  # fmt: skip
+
+
+def _mark_fastest(table: pd.DataFrame) -> pd.DataFrame:
+    """Flag the fastest implementation of the block at each tower count (not as_conv2d)."""
+    own = table["impl"] != "as_conv2d"
+    best = table[own].groupby("towers")["time_ms"].min()
+    table["fastest"] = own & (table["time_ms"] == table["towers"].map(best))
     return table
 
 
 def _peak_mb(fn: Callable[[], object], device: torch.device) -> float:
-    """Peak memory of one call on CUDA (allocator statistics); NaN on the CPU, which has none."""
+    """Memory one call adds at its peak, MiB: CUDA allocator statistics, or on a CPU the rise of
+    the process's peak RSS (Linux /proc); NaN where neither is available."""
     if device.type != "cuda":
-        return float("nan")
+        return _cpu_peak_mb(fn)
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
     fn()
     torch.cuda.synchronize(device)
     return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def _cpu_peak_mb(fn: Callable[[], object]) -> float:
+    """Peak RSS during one call minus the RSS before it (MiB); NaN without Linux's /proc.
+
+    Writing 5 to /proc/self/clear_refs resets the peak (VmHWM) to the current RSS. Free heap
+    memory is returned to the OS first (glibc's malloc_trim): memory the allocator kept from
+    earlier calls would otherwise be reused unseen. Without malloc_trim it can undercount.
+    """
+    _release_free_memory()
+    try:
+        base = _status_kb("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")
+    except (OSError, KeyError):
+        return float("nan")
+    fn()
+    return (_status_kb("VmHWM") - base) / 1024
+
+
+def _status_kb(field: str) -> int:
+    """A kB field of /proc/self/status, e.g. VmRSS or VmHWM."""
+    lines = Path("/proc/self/status").read_text().splitlines()
+    values = dict(line.split(":", 1) for line in lines if ":" in line)
+    return int(values[field].split()[0])
+
+
+def _release_free_memory() -> None:
+    """Hand free heap pages back to the OS where glibc allows it (no gc: ~70 ms a call)."""
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
 
 
 def _bytes(x: torch.Tensor, cost, backward: bool) -> int:
@@ -161,7 +231,12 @@ def model_speed(
     towers: list, *, size: int, batch: int = 32, impl: str = "native", device: str = "cpu",
     repeats: int = 3, **model_kwargs,
 ) -> pd.DataFrame:  # fmt: skip
-    """Training-step time of a whole Xception at each tower spec (forward + backward)."""
+    """Training-step time of a whole Xception at each tower spec (forward + backward).
+
+    One row per spec, with the columns of block_speed where they apply: step_ms (median),
+    spread, throughput, achieved FLOP/s, peak_mb, and the flops and bytes (memory traffic
+    estimate, _model_bytes) of one step for the bandwidth roof.
+    """
     from towerspace.models import xception
 
     dev = torch.device(device)
@@ -170,13 +245,69 @@ def model_speed(
         model = xception(towers=spec, input_size=size, impl=impl, **model_kwargs).to(dev)
         x = torch.randn(batch, model.stem[0].in_channels, size, size, device=dev)
         fns[str(spec)] = lambda m=model, inp=x: m(inp).sum().backward()
-        meta[str(spec)] = model.complexity(size)
+        meta[str(spec)] = (model.complexity(size), _model_bytes(model, x))
     times = time_interleaved(fns, dev, repeats, 0.2)
     rows = []
-    for key, cost in meta.items():
-        median = statistics.median(times[key])
-        rows.append({"towers": key, "params": cost.params, "training_flops": cost.training_flops,
-                     "step_ms": 1e3 * median, "spread": max(times[key]) / min(times[key]),
-                     "images_per_s": batch / median,
-                     "gflops_per_s": batch * cost.training_flops / median / 1e9})  # fmt: skip
+    for key, (cost, traffic) in meta.items():
+        median, flops = statistics.median(times[key]), batch * cost.training_flops
+        rows.append({"towers": key, "impl": impl, "params": cost.params,
+                     "training_flops": cost.training_flops, "step_ms": 1e3 * median,
+                     "spread": max(times[key]) / min(times[key]), "images_per_s": batch / median,
+                     "gflops_per_s": flops / median / 1e9, "peak_mb": _peak_mb(fns[key], dev),
+                     "flops": flops, "bytes": traffic})  # fmt: skip
     return pd.DataFrame(rows)
+
+
+def _model_bytes(model: nn.Module, x: torch.Tensor) -> int:
+    """Memory traffic estimate of a training step: each leaf module reads its inputs and
+    parameters and writes its output once in the forward; 3× that for forward + backward."""
+    counted = [0]
+
+    def count(module: nn.Module, inputs: tuple, output: object) -> None:
+        tensors = [t for t in (*inputs, output) if isinstance(t, torch.Tensor)]
+        counted[0] += sum(t.numel() for t in (*tensors, *module.parameters(recurse=False)))
+
+    leaves = [
+        m for m in model.modules() if not list(m.children()) and not isinstance(m, nn.Identity)
+    ]
+    handles = [m.register_forward_hook(count) for m in leaves]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return 3 * counted[0] * x.element_size()
+
+
+def model_speed_figure(
+    table: pd.DataFrame,
+    roofs: dict[str, float] | None = None,
+    title: str = "Xception training step per tower spec",
+) -> Figure:
+    """Step time and achieved FLOP/s per tower spec (model_speed tables), with the machine's
+    measured dense-conv FLOP/s and bandwidth roof (copy bandwidth × flops / bytes)."""
+    from matplotlib.figure import Figure
+
+    specs = list(dict.fromkeys(table["towers"]))
+    fig = Figure(figsize=(11, 4), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    for impl, rows in table.groupby("impl", sort=False):
+        at = rows["towers"].map(specs.index)
+        left.plot(at, rows["step_ms"], marker="o", label=impl)
+        right.plot(at, rows["gflops_per_s"], marker="o", label=impl)
+    if roofs:
+        right.axhline(roofs["dense_conv_gflops_per_s"], color="#555555", ls="--",
+                      label="dense conv (measured)")  # fmt: skip
+        first = table.drop_duplicates("towers")
+        right.plot(first["towers"].map(specs.index),
+                   roofs["bandwidth_gb_per_s"] * first["flops"] / first["bytes"], color="#555555",
+                   ls=":", label="bandwidth roof")  # fmt: skip
+    for ax, label in ((left, "time per step (ms, median)"), (right, "achieved GFLOP/s")):
+        ax.set_xticks(range(len(specs)), specs, rotation=20, fontsize=8)
+        ax.set_yscale("log")
+        ax.set_xlabel("tower spec")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    return fig

@@ -43,7 +43,9 @@ def write_report(sweep_dir: Path) -> Report:
         "pareto_flops": plots.pareto(table, cost="flops"),
         "pareto_throughput": plots.pareto(table, cost="throughput"),
         "edf": plots.edf(table),
-        "curves": plots.curves(history[history["trial_id"].isin(finished["trial_id"])]),
+        "curves": plots.curves(
+            history[history["trial_id"].isin(finished["trial_id"])], results=table
+        ),
     }
     paths = [p for name, fig in figures.items() for p in plots.save(fig, sweep_dir / PLOTS / name)]
     return Report(paths, analysis.summarize(table), notes)

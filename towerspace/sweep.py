@@ -36,6 +36,7 @@ from towerspace.config import (
     from_dict,
     to_dict,
 )
+from towerspace.impls import share_choices
 from towerspace.models import build_model
 from towerspace.models.builders import absolute_builder
 from towerspace.results import write_json
@@ -50,8 +51,10 @@ DOMAINS = {
 }
 SEARCHER_SEED = 0  # Optuna's sampler seed: the same experiment proposes the same points
 URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:/")  # s3://, gs://, hdfs://, file:/ ...
+PROGRESS_EVERY_S = 30.0  # while trials run: at most one epoch line this often
 DRIVER_MEMORY = 256 * 2**20  # bytes Tune reserves for a data-parallel trial's driver
 TRAIN_RUNS = "train"  # a sweep's folder for the Ray Train runs of its data-parallel trials
+IMPL_CHOICES = "impl_choices.json"  # impl: auto: the kernels chosen for the sweep, by layer shape
 
 
 @dataclass(frozen=True)
@@ -105,27 +108,32 @@ def scheduler(cfg: ExperimentConfig) -> ASHAScheduler | None:
 
 
 class Progress(tune.Callback):
-    """One line per trial that ends, instead of Ray's per-trial tables."""
+    """One line per trial that ends, instead of Ray's per-trial tables; while trials run, an
+    epoch line at most every `every_s` seconds, so a long sweep is never silent for hours."""
 
-    def __init__(self, total: int) -> None:
-        self.total, self.done, self.start = total, 0, time.monotonic()
+    def __init__(self, total: int, every_s: float = PROGRESS_EVERY_S) -> None:
+        self.total, self.done, self.every_s = total, 0, every_s
+        self.start = self.last = time.monotonic()
 
-    def _line(self, trial, status: str) -> None:
-        self.done += 1
+    def _print(self, trial, status: str, result: dict) -> None:
         point = {k: v for k, v in trial.config.items() if k != TRIAL_INDEX}
         shown = "  ".join(f"{k.split('.')[-1]}={v}" for k, v in point.items())
-        last = trial.last_result or {}
-        acc = f"val_acc {last['val_acc']:.3f}" if "val_acc" in last else "no result"
-        epochs = last.get("training_iteration", 0)
-        elapsed = time.monotonic() - self.start
-        print(f"[{self.done}/{self.total} {elapsed:5.0f}s] {status:8} {shown}  {acc} "
-              f"after {epochs} epochs", flush=True)  # fmt: skip
+        acc = f"val_acc {result['val_acc']:.3f}" if "val_acc" in result else "no result"
+        self.last = time.monotonic()
+        print(f"[{self.done}/{self.total} {self.last - self.start:5.0f}s] {status:8} {shown}  "
+              f"{acc} after {result.get('training_iteration', 0)} epochs", flush=True)  # fmt: skip
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        if time.monotonic() - self.last >= self.every_s:
+            self._print(trial, "running", result)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        self._line(trial, "done")
+        self.done += 1
+        self._print(trial, "done", trial.last_result or {})
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        self._line(trial, "error")
+        self.done += 1
+        self._print(trial, "error", trial.last_result or {})
 
 
 def count_trials(space: SpaceConfig, seeds: tuple[int, ...]) -> int:
@@ -147,6 +155,8 @@ def run_trial(config: dict[str, Any], *, base: ExperimentConfig, records: str, o
         tune.report(done["history"][-1])
         return
     cfg = apply(base, point)
+    if cfg.model.impl == "auto":  # every trial of the sweep (and its resume) runs the same kernels
+        share_choices(Path(records).parent / IMPL_CHOICES)
     job = {"seed": seed, "trial_id": trial_id, "point": point, "record_path": record_path,
            "origin": origin}  # fmt: skip
     if cfg.resources.workers > 1:
@@ -209,6 +219,8 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
     context = train.get_context()
     cfg = from_dict(loop_config["config"])
     torch.set_num_threads(max(1, math.ceil(cfg.resources.cpus)))
+    if cfg.model.impl == "auto":
+        share_choices(Path(loop_config["record_path"]).parent.parent / IMPL_CHOICES)
     job = {k: loop_config[k] for k in ("seed", "trial_id", "point", "origin")}
     trial = Trial(cfg, **job, record_path=Path(loop_config["record_path"]),
                   rank=context.get_world_rank(), world_size=context.get_world_size())  # fmt: skip
