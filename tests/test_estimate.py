@@ -4,7 +4,6 @@ import io
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -169,13 +168,11 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(args, message, tmp_pat
     assert sorted(tmp_path.iterdir()) == before
 
 
-def test_the_xception_scale_estimate_takes_seconds_and_matches_the_paper(tmp_path, capsys):
+def test_the_xception_scale_estimate_matches_the_paper(tmp_path, capsys):
     out = tmp_path / "e.csv"
-    start = time.perf_counter()
     args = ["estimate", str(REPO / "experiments/imagenet_xception.yaml"), "--train-images",
             "1281167", "--classes", "1000", "--out", str(out)]  # fmt: skip
     assert main(args) == 0
-    assert time.perf_counter() - start < 20  # a few seconds on an idle machine
     table = pd.read_csv(out, dtype={"towers": str}).set_index("towers")
     assert list(table.index) == ["1", "3", "4", "8", "depthwise"]
     assert table.loc["depthwise", "params"] == 22_855_952  # Keras' Xception
@@ -184,9 +181,13 @@ def test_the_xception_scale_estimate_takes_seconds_and_matches_the_paper(tmp_pat
     assert "at least 91.26 GPU-hours" in capsys.readouterr().out
 
 
-def test_the_default_demo_does_not_ask():
+def test_the_default_demo_does_not_ask(capsys):
     cfg = config.load_experiment(DIGITS)
     _confirm_cost(cfg, None, 24.0, yes=False, stdin=io.StringIO())  # no terminal: would refuse
+    assert capsys.readouterr().out == (
+        "digits_continuum: estimate: 14 trials, 0.006355 training PFLOPs, at least 0.01765 "
+        "CPU-hours (at an optimistic 0.1 TFLOP/s per CPU)\n"
+    )
 
 
 class _Terminal(io.StringIO):

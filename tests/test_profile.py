@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
-from towerspace import profile
+from towerspace import memory, profile
 from towerspace.cli import main
 
 
@@ -39,7 +39,10 @@ def test_folded_dense_conv_row_when_the_block_is_linear():
     assert "as_conv2d" not in set(plain["impl"])  # off by default: benchmarks time the block
 
 
-@pytest.mark.skipif(math.isnan(profile._cpu_peak_mb(lambda: None)), reason="no /proc peak RSS")
+NO_PROC = math.isnan(memory.now_mb(torch.device("cpu")))
+
+
+@pytest.mark.skipif(NO_PROC, reason="no /proc peak RSS")
 def test_cpu_peak_memory_is_measured_and_grows_with_the_batch():
     peaks = {}
     for batch in (4, 32):
@@ -53,7 +56,7 @@ def test_cpu_peak_memory_is_measured_and_grows_with_the_batch():
 
 
 def test_cpu_peak_counts_a_known_allocation():
-    peak = profile._cpu_peak_mb(lambda: torch.ones(64 * 2**20 // 4).sum())  # 64 MiB, touched
+    peak = profile._peak_mb(lambda: torch.ones(64 * 2**20 // 4).sum(), torch.device("cpu"))
     assert 60 < peak < 80 or math.isnan(peak)
 
 

@@ -99,7 +99,6 @@ def test_every_experiment_runs_in_smoke_mode(path, tmp_path, capsys):
     assert f"  {tmp_path / path.stem / 'plots' / 'continuum.png'}" in out  # the sweep ends in plots
 
 
-
 def test_impl_auto_trials_share_one_file_of_kernel_choices(tmp_path):
     cfg = _digits("model.impl=auto", "model.match=none", "train.max_steps=2",
                   "space.params={model.towers: {grid: [4, depthwise]}}")  # fmt: skip

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from towerspace import memory
 from towerspace.data import DataConfig, load
 from towerspace.train import (
     Diverged,
@@ -13,8 +14,6 @@ from towerspace.train import (
     Trainer,
     lr_factor,
     paper_imagenet,
-    peak_memory_mb,
-    reset_peak_memory,
 )
 
 KEYS = {"epoch", "train_loss", "val_loss", "val_acc", "val_top5", "lr", "epoch_time_s",
@@ -121,10 +120,10 @@ def test_peak_memory_is_per_trial_on_the_cpu():
     cpu = torch.device("cpu")
     big = torch.ones(50_000_000)  # 200 MB held, then released: an earlier trial's peak
     del big
-    before = peak_memory_mb(cpu)
-    reset_peak_memory(cpu)
-    after = peak_memory_mb(cpu)
+    before = memory.peak_mb(cpu)
+    memory.reset_peak(cpu)
+    after = memory.peak_mb(cpu)
     assert before - after > 150  # the earlier peak is gone
     held = torch.ones(25_000_000)  # 100 MB in this "trial"
-    assert peak_memory_mb(cpu) - after > 90
+    assert memory.peak_mb(cpu) - after > 90
     del held

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from towerspace import data as datasets
+from towerspace import memory
 from towerspace.config import ConfigError, ExperimentConfig, apply
 from towerspace.data import DataSizes, TensorBatches
 from towerspace.models import build_model, complexity
@@ -164,15 +165,14 @@ def measure_point(cfg: ExperimentConfig, sizes: DataSizes, device: str) -> dict[
     trainer = Trainer(model, bundle, recipe)  # one batch: every train_epoch() is one step
     for _ in range(WARMUP_STEPS):
         trainer.train_epoch()  # ends with .item(): the device has finished the step
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
+    memory.reset_peak(dev)
     start = time.perf_counter()
     for _ in range(TIMED_STEPS):
         trainer.train_epoch()
     seconds = time.perf_counter() - start
     measured = {"images_per_s": batch * TIMED_STEPS / seconds}
-    if dev.type == "cuda":
-        measured["peak_memory_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
+    if dev.type == "cuda":  # on a CPU the process's RSS says little about one trial's needs
+        measured["peak_memory_mb"] = memory.peak_mb(dev)
     return measured
 
 

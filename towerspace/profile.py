@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import copy
-import ctypes
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pandas as pd
@@ -15,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from towerspace import memory
 from towerspace.block import Complexity, TowerConv2d, divisors
 from towerspace.impls import IMPLS, Chooser, candidates
 
@@ -146,46 +145,21 @@ def _mark_fastest(table: pd.DataFrame) -> pd.DataFrame:
 
 def _peak_mb(fn: Callable[[], object], device: torch.device) -> float:
     """Memory one call adds at its peak, MiB: CUDA allocator statistics, or on a CPU the rise of
-    the process's peak RSS (Linux /proc); NaN where neither is available."""
-    if device.type != "cuda":
-        return _cpu_peak_mb(fn)
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
-    fn()
-    torch.cuda.synchronize(device)
-    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    the process's peak RSS (Linux /proc); NaN where neither is available.
 
-
-def _cpu_peak_mb(fn: Callable[[], object]) -> float:
-    """Peak RSS during one call minus the RSS before it (MiB); NaN without Linux's /proc.
-
-    Writing 5 to /proc/self/clear_refs resets the peak (VmHWM) to the current RSS. Free heap
-    memory is returned to the OS first (glibc's malloc_trim): memory the allocator kept from
-    earlier calls would otherwise be reused unseen. Without malloc_trim it can undercount.
+    On a CPU free heap memory is handed back to the OS first (glibc's malloc_trim): pages the
+    allocator kept from earlier calls would otherwise be reused unseen.
     """
-    _release_free_memory()
-    try:
-        base = _status_kb("VmRSS")
-        Path("/proc/self/clear_refs").write_text("5")
-    except (OSError, KeyError):
-        return float("nan")
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    else:
+        memory.release_free_memory()
+    base = memory.now_mb(device)
+    memory.reset_peak(device)
     fn()
-    return (_status_kb("VmHWM") - base) / 1024
-
-
-def _status_kb(field: str) -> int:
-    """A kB field of /proc/self/status, e.g. VmRSS or VmHWM."""
-    lines = Path("/proc/self/status").read_text().splitlines()
-    values = dict(line.split(":", 1) for line in lines if ":" in line)
-    return int(values[field].split()[0])
-
-
-def _release_free_memory() -> None:
-    """Hand free heap pages back to the OS where glibc allows it (no gc: ~70 ms a call)."""
-    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
-    if trim is not None:
-        trim(0)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return memory.peak_mb(device) - base
 
 
 def _bytes(x: torch.Tensor, cost, backward: bool) -> int:

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 import random
-import resource
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,6 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from towerspace import memory
 from towerspace.data import DataBundle
 from towerspace.parallel import synchronise_batchnorm
 
@@ -27,7 +24,6 @@ SCHEDULES = ("cosine", "onecycle", "step", "exponential", "constant")
 DEVICES = ("auto", "cpu", "cuda")
 AMPS = ("auto", "bf16", "none")
 SWITCHES = ("auto", "on", "off")
-CLEAR_REFS, PROC_STATUS = "/proc/self/clear_refs", "/proc/self/status"  # Linux: peak RSS
 
 
 @dataclass(frozen=True)
@@ -88,31 +84,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def reset_peak_memory(device: torch.device) -> None:
-    """Start a new peak: CUDA's allocator statistics, or (Linux) the process's peak RSS.
-
-    Trial workers are reused, so without a reset one trial's peak would carry into the next.
-    """
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    with contextlib.suppress(OSError):  # elsewhere the peak is the process's since it started
-        Path(CLEAR_REFS).write_text("5")  # Linux >= 4.0: reset the peak RSS (VmHWM)
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory since reset_peak_memory(): CUDA allocations on a GPU, peak RSS on the CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        status = Path(PROC_STATUS).read_text()
-        (line,) = [row for row in status.splitlines() if row.startswith("VmHWM:")]
-        return int(line.split()[1]) / 2**10  # kB
-    except (OSError, ValueError):
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
 
 
 def lr_factor(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
@@ -178,7 +149,7 @@ class Trainer:
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         if world_size > 1:
             model = synchronise_batchnorm(model, self.device)
-        reset_peak_memory(self.device)  # before this trial's weights: its own peak only
+        memory.reset_peak(self.device)  # before this trial's weights: its own peak only
         self.model = model.to(self.device, memory_format=memory_format)
         self.forward_model = self._data_parallel(self.model)
         groups = _param_groups(self.model, cfg.weight_decay)
@@ -284,7 +255,7 @@ class Trainer:
                        "lr": self.optimizer.param_groups[0]["lr"],
                        "epoch_time_s": time.perf_counter() - start,
                        "train_images_per_s": seen / max(train_time, 1e-9),
-                       "peak_memory_mb": peak_memory_mb(self.device)}  # fmt: skip
+                       "peak_memory_mb": memory.peak_mb(self.device)}  # fmt: skip
             self.epoch += 1
             self.history.append(metrics)
             yield metrics
