@@ -1,6 +1,7 @@
 """The trainer: learns, reproduces and resumes exactly, follows its schedules, stops on NaN."""
 
 import math
+import time
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from towerspace.train import (
 )
 
 KEYS = {"epoch", "train_loss", "val_loss", "val_acc", "val_top5", "lr", "epoch_time_s",
-        "train_images_per_s", "peak_memory_mb"}  # fmt: skip
+        "train_images_per_s", "data_wait_fraction", "peak_memory_mb"}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +47,9 @@ def test_learns_digits_and_reports_every_metric(digits):
 
 
 def test_same_seed_same_metrics(digits):
-    strip = lambda hs: [{k: v for k, v in h.items() if "time" not in k and "per_s" not in k  # noqa: E731
-                         and "memory" not in k} for h in hs]  # fmt: skip
+    measured = ("time", "per_s", "memory", "wait")  # of the machine, not of the training
+    strip = lambda hs: [{k: v for k, v in h.items() if not any(m in k for m in measured)}  # noqa: E731
+                        for h in hs]  # fmt: skip
     assert strip(_run(digits)[1]) == strip(_run(digits)[1])
 
 
@@ -127,3 +129,31 @@ def test_peak_memory_is_per_trial_on_the_cpu():
     held = torch.ones(25_000_000)  # 100 MB in this "trial"
     assert memory.peak_mb(cpu) - after > 90
     del held
+
+
+class _SlowImages(torch.utils.data.Dataset):
+    """Digits behind a data path that takes 20 ms an image: a starving loader."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        time.sleep(0.02)
+        return self.images[i], self.labels[i]
+
+
+def test_the_data_wait_tells_a_starving_loader_from_a_fast_one(digits):
+    from towerspace.data import DataBundle, LoaderBatches
+
+    _, history = _run(digits, epochs=1, max_steps=4)
+    images = (digits.train.images[:256] * 255).to(torch.uint8)
+    slow_set = _SlowImages(images, digits.train.labels[:256])
+    slow = LoaderBatches(slow_set, num_workers=0, device=torch.device("cpu"), mean=(0.5,),
+                         std=(0.5,))  # fmt: skip
+    bundle = DataBundle("slow", slow, digits.val, 10, 1, digits.image_size)
+    starved = Trainer(_net(), bundle, TrainConfig(epochs=1, batch_size=64, max_steps=4), seed=0)
+    waited = next(starved.epochs())["data_wait_fraction"]
+    assert 0.0 <= history[0]["data_wait_fraction"] < 0.5 < waited <= 1.0

@@ -19,7 +19,8 @@ HISTORY = "history.parquet"
 COLUMNS = [
     "experiment", "trial_id", "status", "seed", "towers", "order", "mid", "match", "width",
     "params", "flops", "training_flops", "final_val_acc", "best_val_acc", "final_val_top5",
-    "epochs_run", "epochs_planned", "train_time_s", "images_per_s", "peak_memory_mb",
+    "epochs_run", "epochs_planned", "train_time_s", "images_per_s", "data_wait_fraction",
+    "peak_memory_mb",
     "budget_error", "position", "realized_towers", "group_widths", "data", "error",
 ]  # fmt: skip
 

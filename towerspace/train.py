@@ -163,6 +163,7 @@ class Trainer:
         full = math.ceil(len(data.train) / cfg.batch_size)
         self.steps_per_epoch = min(full, cfg.max_steps) if cfg.max_steps else full
         self.step, self.epoch = 0, 0
+        self.data_wait_s = 0.0  # of the last epoch: see train_epoch()
         self.history: list[dict[str, float]] = []
 
     def _sum_over_workers(self, *values: float | torch.Tensor) -> list[float]:
@@ -191,12 +192,18 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
 
     def train_epoch(self) -> tuple[float, int]:
-        """One pass over the train split: (mean loss, images seen)."""
+        """One pass over the train split: (mean loss, images seen).
+
+        Sets data_wait_s: how long the loop waited for batches (loading, decoding and
+        augmenting), to tell a starving data path from a slow model.
+        """
         self.model.train()
         total, seen = torch.zeros((), device=self.device), 0
         batches = self.data.train.batches(self.cfg.batch_size, shuffle=True, train=True,
                                           generator=self.generator, part=self.part)  # fmt: skip
+        self.data_wait_s, asked = 0.0, time.perf_counter()
         for i, (x, y) in enumerate(batches):
+            self.data_wait_s += time.perf_counter() - asked
             if i == self.steps_per_epoch:
                 break
             for group in self.optimizer.param_groups:
@@ -212,6 +219,7 @@ class Trainer:
             total += loss.detach() * len(y)
             seen += len(y)
             self.step += 1
+            asked = time.perf_counter()
         total_loss, seen = self._sum_over_workers(total, seen)
         return total_loss / max(seen, 1), int(seen)
 
@@ -255,6 +263,7 @@ class Trainer:
                        "lr": self.optimizer.param_groups[0]["lr"],
                        "epoch_time_s": time.perf_counter() - start,
                        "train_images_per_s": seen / max(train_time, 1e-9),
+                       "data_wait_fraction": self.data_wait_s / max(train_time, 1e-9),
                        "peak_memory_mb": memory.peak_mb(self.device)}  # fmt: skip
             self.epoch += 1
             self.history.append(metrics)

@@ -58,6 +58,12 @@ def _targets(point: Mapping[str, Any], trial_point: Mapping[str, Any], seed: int
     return all((seed if k == "seed" else trial_point.get(k)) == v for k, v in point.items())
 
 
+def _mean(values) -> float | None:
+    """Mean of the values given (checkpoints from before a metric existed lack it)."""
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if present else None
+
+
 class Trial:
     """Builds a trial's data, model and trainer, trains it, and keeps its record current."""
 
@@ -167,6 +173,7 @@ class Trial:
             best_val_acc=max(accs) if accs else None,
             train_time_s=sum(h["epoch_time_s"] for h in history),
             images_per_s=sum(h["train_images_per_s"] for h in history) / len(history),
+            data_wait_fraction=_mean(h.get("data_wait_fraction") for h in history),
             peak_memory_mb=max(h["peak_memory_mb"] for h in history),
         )
         self._write()
