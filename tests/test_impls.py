@@ -179,3 +179,15 @@ def test_trainer_with_auto_impl_records_one_choice_per_layer_shape(monkeypatch, 
     assert modes == {True, False}
     assert chooser.measured == len(chooser.choices) == len(shapes)
     assert set(chooser.choices.values()) <= set(IMPLS)
+
+
+def test_auto_on_meta_tensors_times_nothing():
+    from towerspace.block import TowerConv2d
+    from towerspace.impls import default_chooser
+
+    before = default_chooser().measured
+    with torch.device("meta"):
+        block = TowerConv2d(16, 16, towers=4, impl="auto")
+        out = block(torch.empty(2, 16, 8, 8))
+    assert out.shape == (2, 16, 8, 8) and out.is_meta
+    assert default_chooser().measured == before  # shapes only: a cost estimate times nothing

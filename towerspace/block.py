@@ -204,7 +204,9 @@ class TowerConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         impl = self.impl
-        if impl == "auto":
+        if impl == "auto" and x.is_meta:  # shapes only (cost estimates): nothing to time
+            impl = "native"
+        elif impl == "auto":
             impl = default_chooser().choose(self, x, torch.is_grad_enabled() and self.training)
         if self.order == "spatial_first":
             return self.pointwise(self.between(self._spatial(x, impl)))

@@ -23,6 +23,7 @@ def reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return
+    release_free_memory()  # else pages freed earlier, still resident, would count as the peak
     with contextlib.suppress(OSError):  # elsewhere the peak is the process's since it started
         CLEAR_REFS.write_text("5")  # Linux >= 4.0: the peak RSS (VmHWM) becomes the RSS now
 

@@ -145,17 +145,11 @@ def _mark_fastest(table: pd.DataFrame) -> pd.DataFrame:
 
 def _peak_mb(fn: Callable[[], object], device: torch.device) -> float:
     """Memory one call adds at its peak, MiB: CUDA allocator statistics, or on a CPU the rise of
-    the process's peak RSS (Linux /proc); NaN where neither is available.
-
-    On a CPU free heap memory is handed back to the OS first (glibc's malloc_trim): pages the
-    allocator kept from earlier calls would otherwise be reused unseen.
-    """
+    the process's peak RSS (Linux /proc); NaN where neither is available."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    else:
-        memory.release_free_memory()
-    base = memory.now_mb(device)
     memory.reset_peak(device)
+    base = memory.now_mb(device)
     fn()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
