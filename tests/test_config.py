@@ -179,8 +179,6 @@ BAD_FILES = [
      "divided among the workers)"),
     ("seeds: [0]", "seeds: [0]\nresources: {workers: 0}",
      "resources.workers: 0 is out of range; allowed: 1 to 1024"),
-    ("seeds: [0]", "seeds: [0]\nresources: {workers: 2}\nfaults: {kind: raise}",
-     "faults: fault injection runs in single-worker trials only (resources.workers: 1)"),
     ("seeds: [0]", "seeds: [0]\nstorage: !!python/object/apply:os.system ['touch pwned']",
      "not valid YAML (line 6, column 10): tags like !!python/... are not allowed (files are read "
      "with safe_load)"),

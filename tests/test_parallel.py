@@ -88,17 +88,25 @@ def test_global_batchnorm_is_batchnorm_on_one_worker():
 
 
 @pytest.mark.slow
-def test_a_two_worker_trial_through_ray_train_matches_one_worker(tiny_sweep, tmp_path):
-    sets = ("train.epochs=1", "model.width=0.125", "model.middle_blocks=1", "seeds=[0]",
-            "space.params={model.towers: {grid: [4]}}", "resources.workers=2")  # fmt: skip
+def test_a_two_worker_trial_through_ray_train_matches_one_worker_and_survives_a_lost_worker(
+    tiny_sweep, tmp_path
+):
+    # worker 0 raises at epoch 2, as a lost worker would: Ray Train restarts both workers
+    fault = "faults={kind: raise, epoch: 2, times: 1, point: {}}"
+    sets = ("train.epochs=2", "model.width=0.125", "model.middle_blocks=1", "seeds=[0]",
+            "space.params={model.towers: {grid: [4]}}", "resources.workers=2", "retries=1",
+            fault)  # fmt: skip
     cfg = config.load_experiment(REPO / "experiments/digits_continuum.yaml", sets)
     outcome = run_sweep(cfg, storage=tmp_path)
     assert outcome.statuses == {"finished": 1}
     two = results.load(outcome.results_path).iloc[0]
     one = results.load(tiny_sweep.results_path).query("towers == '4' and seed == 0").iloc[0]
     assert json.loads(two["config"])["resources"]["workers"] == 2
-    assert two["params"] == one["params"] and two["epochs_run"] == 1
+    assert two["params"] == one["params"] and two["epochs_run"] == 2
+    record = json.loads((outcome.sweep_dir / "records" / f"{two['trial_id']}.json").read_text())
+    assert record["resumed_at"] == [1]  # continued from its epoch-1 checkpoint, not from scratch
     history = results.load_history(outcome.history_path)
+    assert list(history["epoch"]) == [1, 2]  # one row per epoch: nothing re-run
     reference = results.load_history(tiny_sweep.history_path).query("trial_id == @one.trial_id")
     # the same global batch of 128: the same first step to float rounding (test above), and
     # after the 11 steps of an epoch, rounding amplified by training (measured: 0.4% apart)
@@ -106,7 +114,7 @@ def test_a_two_worker_trial_through_ray_train_matches_one_worker(tiny_sweep, tmp
     # worker 0 checkpointed every epoch in the trial's Ray Train run, beside the records
     runs = list((outcome.sweep_dir / TRAIN_RUNS).iterdir())
     assert [r.name for r in runs] == [two["trial_id"]]
-    assert len([p for p in runs[0].glob("checkpoint_*") if p.is_dir()]) == 1
+    assert len([p for p in runs[0].glob("checkpoint_*") if p.is_dir()]) == 1  # num_to_keep
 
 
 def test_streamed_batches_give_each_worker_its_own_images():

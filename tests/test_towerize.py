@@ -293,3 +293,24 @@ def test_the_custom_architecture_example_runs_in_smoke_mode(local_ray, tmp_path,
     monkeypatch.chdir(REPO)
     assert example.main(["--smoke", "--storage", str(tmp_path)]) == 0
     assert (tmp_path / "custom_architecture" / "results.parquet").is_file()
+
+
+@pytest.mark.parametrize("name", ["resnet50", "mobilenet_v3_small", "mobilenet_v3_large"])
+def test_the_other_torchvision_networks_train_on_the_continuum(name):
+    torch.manual_seed(0)
+    original = getattr(torchvision.models, name)(weights=None, num_classes=10).eval()
+    model, report = towerize(original, 4)
+    out = model.train()(torch.randn(TINY))
+    out.square().mean().backward()
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
+    kinds = report["kind"].value_counts().to_dict()
+    if name == "resnet50":  # the 16 bottlenecks' 3x3 convs; the stem and every 1x1 left alone
+        assert kinds == {"regular": 16, "skipped": 37}
+    else:  # every depthwise conv with the 1x1 after it (through BN, activation, SE): one block
+        pairs = [m for m in original.modules()
+                 if isinstance(m, nn.Conv2d) and m.groups == m.in_channels > 1]  # fmt: skip
+        assert kinds["separable"] == len(pairs)
+        depthwise, _ = towerize(original, "depthwise")
+        x = torch.randn(TINY)
+        with torch.no_grad():  # at depthwise the weights carry: the very same function
+            assert torch.allclose(depthwise.eval()(x), original(x), atol=1e-5)

@@ -475,7 +475,7 @@ def _validate(raw: dict[str, Any], where: str, space_file: str) -> ExperimentCon
 
 
 def _check_workers(cfg: ExperimentConfig, where: str) -> None:
-    """Data-parallel trials: whole GPUs per worker, a batch that splits, no fault injection."""
+    """Data-parallel trials: whole GPUs per worker, and a global batch that splits evenly."""
     res = cfg.resources
     if res.workers == 1:
         return
@@ -487,9 +487,6 @@ def _check_workers(cfg: ExperimentConfig, where: str) -> None:
         _fail(where, "train.batch_size", f"{cfg.train.batch_size} does not split evenly over "
                                          f"resources.workers={res.workers} (the global batch "
                                          f"is divided among the workers)")  # fmt: skip
-    if cfg.faults.kind is not None:
-        _fail(where, "faults", "fault injection runs in single-worker trials only "
-                               "(resources.workers: 1)")  # fmt: skip
 
 
 def _check_model(model: ModelConfig, where: str) -> None:

@@ -179,9 +179,15 @@ class Trial:
         self._write()
 
     def _strike(self) -> None:
-        """Fault injection (for tests): fail the chosen trial at the chosen epoch, `times` times."""
+        """Fault injection (for tests): fail the chosen trial at the chosen epoch, `times` times.
+
+        In a data-parallel trial worker 0 fails alone, as one lost worker would: a raise takes
+        the worker group down, a NaN reaches every worker through the shared loss.
+        """
         fault = self.faults
         if fault is None or fault.kind is None or self.trainer.epoch + 1 != fault.epoch:
+            return
+        if self.rank != 0:
             return
         counter = self.record_path.with_suffix(".faults")
         struck = int(counter.read_text()) if counter.exists() else 0
