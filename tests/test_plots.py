@@ -285,3 +285,22 @@ def test_report_of_a_sampled_space(tmp_path):
     (bars,) = plots.continuum(table).axes[0].containers
     assert list(bars.lines[0].get_xdata()) == pytest.approx([1, 2**0.5, 2, 8**0.5, 32**0.5, 8])
     assert _legend(plots.edf(table)) == ["sampled models (n=6)"]
+
+
+def test_long_point_labels_are_slanted_not_overlapping():
+    from towerspace import analysis, plots
+
+    table = pd.DataFrame({
+        "experiment": "e", "data": "d", "status": "finished", "seed": 0, "final_val_acc": 0.9,
+        "trial_id": ["a", "b"], "params": 1, "flops": 1, "training_flops": 3, "images_per_s": 1.0,
+        "towers": ["1", "4 [entry=2, middle=8, exit=depthwise]"],
+        "realized_towers": ['{"s": {"towers": 1, "group_width": 8, "position": 0.0, '
+                            '"regime": "regular", "channels": 8}}',
+                            '{"s": {"towers": 4, "group_width": 2, "position": 0.67, '
+                            '"regime": "inception", "channels": 8}}'],
+    })  # fmt: skip
+    assert analysis.summarize(table)["n"].tolist() == [1, 1]
+    ax = plots.continuum(table).axes[0]
+    labels = ax.get_xticklabels()
+    assert [t.get_text() for t in labels] == ["1", "4 [entry=2, middle=8, exit=depthwise]"]
+    assert {t.get_rotation() for t in labels} == {30.0}

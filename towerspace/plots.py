@@ -19,6 +19,7 @@ AXES = {  # x: (column in summaries/derived tables, axis label, log2 scale)
     "group_width": ("group_width", "channels per tower (log2 scale)", True),
     "position": ("position", "position on the continuum (0 regular, 1 depthwise)", False),
 }
+LONG_TICK = 10  # characters: longer tick labels (per-flow points) are slanted
 COSTS = {
     "params": ("params", "parameters", False),
     "flops": ("flops", "forward FLOPs per image", False),
@@ -70,7 +71,10 @@ def _axis(ax, x: str, summary: pd.DataFrame) -> None:
         ax.xaxis.set_major_formatter(ScalarFormatter())
     elif x == "towers":  # points are named as asked; they sit at the geometric mean over layers
         ticks = summary.drop_duplicates("towers")
-        ax.set_xticks(ticks["effective_towers"], ticks["towers"], fontsize=8)
+        labels = [str(t) for t in ticks["towers"]]
+        long = max(map(len, labels), default=0) > LONG_TICK  # per-flow labels: slant, not overlap
+        ax.set_xticks(ticks["effective_towers"], labels, fontsize=7 if long else 8,
+                      rotation=30 if long else 0, ha="right" if long else "center")  # fmt: skip
         ax.minorticks_off()
 
 
