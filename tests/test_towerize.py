@@ -206,6 +206,12 @@ def test_match_on_resnet_is_a_config_error():
         f"{REPO}/experiments/digits_resnet18.yaml: model.match: 'params': torchvision.resnet18 "
         f"has no width knob to match a budget with (allowed: none)"
     )
+    with pytest.raises(ConfigError) as err:  # a width it would silently ignore is refused too
+        load_experiment(REPO / "experiments/digits_resnet18.yaml", ["model.width=0.5"])
+    assert str(err.value) == (
+        f"{REPO}/experiments/digits_resnet18.yaml: model.width: 0.5: torchvision.resnet18 has "
+        f"no width knob (allowed: 1)"
+    )
 
 
 def test_model_builder_errors(tmp_path):

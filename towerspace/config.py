@@ -18,7 +18,7 @@ import yaml
 
 from towerspace.data import DataConfig
 from towerspace.models import ModelConfig
-from towerspace.models.builders import TORCHVISION, split_builder
+from towerspace.models.builders import has_width_knob, split_builder
 from towerspace.towers import TowerSpec
 from towerspace.train import TrainConfig
 
@@ -505,9 +505,13 @@ def _check_model(model: ModelConfig, where: str) -> None:
         if not path.is_file():
             _fail(where, "model.builder", f"{_show(model.builder)}: no such file {path} (relative "
                                           f"to the working directory)")  # fmt: skip
-    if model.match != "none" and model.name in TORCHVISION and "resnet" in model.name:
-        _fail(where, "model.match", f"{_show(model.match)}: {model.name} has no width knob to "
-                                    f"match a budget with (allowed: none)")  # fmt: skip
+    if not has_width_knob(model.name):
+        if model.match != "none":
+            _fail(where, "model.match", f"{_show(model.match)}: {model.name} has no width knob "
+                                        f"to match a budget with (allowed: none)")  # fmt: skip
+        if model.width != 1.0:
+            _fail(where, "model.width", f"{_show(model.width)}: {model.name} has no width knob "
+                                        f"(allowed: 1)")  # fmt: skip
 
 
 def _check_towers(cfg: ExperimentConfig, where: str) -> None:
@@ -585,8 +589,9 @@ def _set_copy(base: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
 # ---------------------------------------------------------------- smoke mode
 
 # The same experiment, tiny and on the CPU with synthetic data, so every file runs in seconds.
+SMOKE_WIDTH = 0.125  # at most, for models with a width knob (see smoke())
 SMOKE_OVERRIDES = (
-    "train.epochs=1", "train.max_steps=2", "model.width=0.125", "model.middle_blocks=1",
+    "train.epochs=1", "train.max_steps=2", "model.middle_blocks=1",
     "data.name=synthetic", "data.root=null", "data.num_samples=64", "resources.gpus=0",
     "resources.cpus=1", "resources.workers=1", "model.impl=native", "scheduler.grace_period=1",
 )  # fmt: skip
@@ -601,7 +606,10 @@ def smoke(cfg: ExperimentConfig) -> ExperimentConfig:
     samples = 1 if cfg.space.searcher == "grid" else min(2, cfg.space.num_samples)
     space = dataclasses.replace(cfg.space, params=params, num_samples=samples)
     data = dataclasses.replace(cfg.data, image_size=min(cfg.data.image_size or 16, 32))
-    return dataclasses.replace(cfg, space=space, data=data, seeds=cfg.seeds[:1])
+    model = cfg.model
+    if has_width_knob(model.name):  # ResNet has none, and refuses a width
+        model = dataclasses.replace(model, width=min(model.width, SMOKE_WIDTH))
+    return dataclasses.replace(cfg, space=space, data=data, model=model, seeds=cfg.seeds[:1])
 
 
 # ---------------------------------------------------------------- round trips

@@ -27,6 +27,11 @@ TORCHVISION: dict[str, tuple[Callable[..., nn.Module], bool]] = {
 }
 
 
+def has_width_knob(name: str) -> bool:
+    """Whether a model name's width can be scaled (Xception, MobileNets, a user's builder)."""
+    return TORCHVISION[name][1] if name in TORCHVISION else True
+
+
 def torchvision_builder(
     name: str, *, in_chans: int, num_classes: int, small_stem: bool, round_nearest: int = 8
 ) -> Callable[[float], nn.Module]:
