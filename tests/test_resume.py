@@ -187,3 +187,25 @@ def test_a_sweep_from_before_a_new_field_resumes_when_the_field_has_its_default(
     changed = config.apply(cfg, {"resources.workers": 2})
     with pytest.raises(ConfigError, match=r"different experiment \(changed: resources.workers\)"):
         plan_storage(changed, tmp_path, restart=False, resume=True)
+
+
+def test_a_trial_continues_from_its_newest_complete_checkpoint_even_if_ray_knows_an_older(
+    tmp_path,
+):
+    import torch
+    from ray import tune
+
+    from towerspace.sweep import newest_checkpoint
+
+    trial_dir = tmp_path / "run_trial_x"
+    for epoch in (3, 4, 5):
+        (trial_dir / f"checkpoint_00000{epoch}").mkdir(parents=True)
+        torch.save({"epoch": epoch}, trial_dir / f"checkpoint_00000{epoch}" / "trainer.pt")
+    cut = trial_dir / "checkpoint_000005" / "trainer.pt"
+    cut.write_bytes(cut.read_bytes()[:40])  # a copy cut short by the kill
+    known = tune.Checkpoint.from_directory(str(trial_dir / "checkpoint_000003"))
+    assert Path(newest_checkpoint(known, trial_dir).path).name == "checkpoint_000004"
+    assert Path(newest_checkpoint(None, trial_dir).path).name == "checkpoint_000004"
+    assert newest_checkpoint(None, tmp_path / "empty") is None
+    later = tune.Checkpoint.from_directory(str(tmp_path / "checkpoint_000009"))
+    assert newest_checkpoint(later, trial_dir) is later  # Ray's own, when it is the newest

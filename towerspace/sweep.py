@@ -10,6 +10,7 @@ import re
 import shutil
 import tempfile
 import time
+import zipfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +41,7 @@ from towerspace.impls import share_choices
 from towerspace.models import build_model
 from towerspace.models.builders import absolute_builder
 from towerspace.results import write_json
-from towerspace.trial import Trial, provenance
+from towerspace.trial import CHECKPOINT, Trial, provenance
 
 DOMAINS = {
     "choice": lambda v: tune.choice(list(v)),
@@ -164,13 +165,40 @@ def run_trial(config: dict[str, Any], *, base: ExperimentConfig, records: str, o
         return
     torch.set_num_threads(max(1, math.ceil(cfg.resources.cpus)))
     trial = Trial(cfg, **job)
+    checkpoint = newest_checkpoint(tune.get_checkpoint(), Path(tune.get_context().get_trial_dir()))
     try:
-        _train(trial, cfg, tune.get_checkpoint(), tune.report, tune.Checkpoint)
+        _train(trial, cfg, checkpoint, tune.report, tune.Checkpoint)
     finally:  # workers are reused across trials: leave nothing behind for the next one
         del trial
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def newest_checkpoint(known: tune.Checkpoint | None, trial_dir: Path) -> tune.Checkpoint | None:
+    """The newest complete epoch checkpoint of a trial: Ray's, or a newer one in its folder.
+
+    Ray saves the experiment's state on a timer, so after a hard kill it can know an older
+    checkpoint of a trial, or none, while the trial had already persisted newer ones: without
+    this the trial would repeat epochs, or start over.
+    """
+    found = sorted(trial_dir.glob("checkpoint_*"), reverse=True)
+    complete = [d for d in found if _complete(d / CHECKPOINT)]
+    if not complete:
+        return known
+    if known is not None and Path(known.path).name >= complete[0].name:
+        return known
+    return tune.Checkpoint.from_directory(str(complete[0]))
+
+
+def _complete(path: Path) -> bool:
+    """Whether a checkpoint file was written to the end (torch.save writes a zip archive, whose
+    directory comes last: a copy cut short by a kill has none)."""
+    try:
+        with zipfile.ZipFile(path):
+            return True
+    except (OSError, zipfile.BadZipFile):
+        return False
 
 
 def _train(trial: Trial, cfg: ExperimentConfig, checkpoint, report, checkpoint_cls) -> None:
