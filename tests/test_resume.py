@@ -38,12 +38,25 @@ def _records(storage: Path) -> dict[str, dict]:
     return found
 
 
+def _checkpointed(storage: Path, trial_id: str) -> int:
+    """The epoch of a trial's newest complete checkpoint on disk (0: none yet)."""
+    import torch
+
+    from towerspace.sweep import newest_checkpoint, trial_folder
+
+    found = newest_checkpoint(None, trial_folder(storage / "digits_continuum", trial_id))
+    if found is None:
+        return 0
+    return torch.load(Path(found.path) / "trainer.pt", weights_only=True)["epoch"]
+
+
 def _wait_until_some_finished_and_one_midway(storage: Path, proc, timeout=180.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         recs = _records(storage).values()
         finished = [r for r in recs if r["status"] == "finished"]
-        midway = [r for r in recs if r["status"] == "running" and 1 <= r["epochs_run"] < 8]
+        # a trial records epoch k before it persists k's checkpoint: at 2, epoch 1's is on disk
+        midway = [r for r in recs if r["status"] == "running" and 2 <= r["epochs_run"] < 8]
         if len(finished) >= 2 and midway:
             return
         assert proc.poll() is None, "the sweep ended before it could be interrupted"
@@ -62,8 +75,8 @@ def test_resume_after_a_kill_reruns_nothing_and_loses_nothing(tmp_path, how):
     first.wait(timeout=120)
     before = _records(tmp_path)
     finished_before = {k: r for k, r in before.items() if r["status"] == "finished"}
-    midway = {k: r["epochs_run"] for k, r in before.items() if r["status"] == "running"}
-    assert len(finished_before) >= 2 and midway
+    midway = {k: _checkpointed(tmp_path, k) for k, r in before.items() if r["status"] == "running"}
+    assert len(finished_before) >= 2 and max(midway.values()) >= 1
 
     again = _sweep(tmp_path, "--resume")
     assert again.wait(timeout=300) == 0, (tmp_path / "log1.txt").read_text()[-3000:]
@@ -73,9 +86,9 @@ def test_resume_after_a_kill_reruns_nothing_and_loses_nothing(tmp_path, how):
     assert set(table["status"]) == {"finished"}
     rerun = [k for k, r in finished_before.items() if after[k] != r]
     assert rerun == []  # finished trials were not re-run: their records are untouched
-    for trial_id, epochs in midway.items():
-        resumed = after[trial_id]["resumed_at"]
-        assert len(resumed) == 1 and 1 <= resumed[0] <= epochs  # from its last checkpoint
+    for trial_id, epoch in midway.items():  # from the newest checkpoint on disk (a trial may
+        resumed = after[trial_id]["resumed_at"]  # persist one more while the kill lands)
+        assert (resumed == [] and epoch == 0) or (len(resumed) == 1 and resumed[0] >= epoch >= 0)
         assert [h["epoch"] for h in after[trial_id]["history"]] == list(range(1, 9))
 
 
@@ -209,3 +222,18 @@ def test_a_trial_continues_from_its_newest_complete_checkpoint_even_if_ray_knows
     assert newest_checkpoint(None, tmp_path / "empty") is None
     later = tune.Checkpoint.from_directory(str(tmp_path / "checkpoint_000009"))
     assert newest_checkpoint(later, trial_dir) is later  # Ray's own, when it is the newest
+
+
+def test_old_checkpoints_are_pruned_only_when_no_saved_state_can_name_them(tmp_path):
+    from towerspace.sweep import prune
+
+    for k in range(5):
+        (tmp_path / f"checkpoint_00000{k}").mkdir()
+    stale = time.time() - 3600
+    for k in (0, 1):
+        os.utime(tmp_path / f"checkpoint_00000{k}", (stale, stale))
+    prune(tmp_path)
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == ["checkpoint_000002", "checkpoint_000003", "checkpoint_000004"]  # recent ones
+    prune(tmp_path, keep_s=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_000003", "checkpoint_000004"]

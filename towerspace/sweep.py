@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import math
@@ -52,6 +53,7 @@ DOMAINS = {
 }
 SEARCHER_SEED = 0  # Optuna's sampler seed: the same experiment proposes the same points
 URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:/")  # s3://, gs://, hdfs://, file:/ ...
+KEEP_CHECKPOINTS_S = 300.0  # a trial's checkpoints younger than this are never pruned
 PROGRESS_EVERY_S = 30.0  # while trials run: at most one epoch line this often
 DRIVER_MEMORY = 256 * 2**20  # bytes Tune reserves for a data-parallel trial's driver
 TRAIN_RUNS = "train"  # a sweep's folder for the Ray Train runs of its data-parallel trials
@@ -165,14 +167,26 @@ def run_trial(config: dict[str, Any], *, base: ExperimentConfig, records: str, o
         return
     torch.set_num_threads(max(1, math.ceil(cfg.resources.cpus)))
     trial = Trial(cfg, **job)
-    checkpoint = newest_checkpoint(tune.get_checkpoint(), Path(tune.get_context().get_trial_dir()))
+    checkpoint = newest_checkpoint(
+        tune.get_checkpoint(), trial_folder(Path(records).parent, trial_id)
+    )
+    folder = trial_folder(Path(records).parent, trial_id)
     try:
-        _train(trial, cfg, checkpoint, tune.report, tune.Checkpoint)
+        _train(trial, cfg, checkpoint, tune.report, tune.Checkpoint, lambda: prune(folder))
     finally:  # workers are reused across trials: leave nothing behind for the next one
         del trial
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def trial_folder(sweep_dir: Path, trial_id: str) -> Path:
+    """Where Tune persists a trial's checkpoints: <sweep>/run_trial_<trial id>_<point>_<time>.
+
+    (The trial's context names its working directory, not this one.)
+    """
+    found = sorted(sweep_dir.glob(f"run_trial_{trial_id}_*"))
+    return found[0] if found else sweep_dir / f"run_trial_{trial_id}"
 
 
 def newest_checkpoint(known: tune.Checkpoint | None, trial_dir: Path) -> tune.Checkpoint | None:
@@ -201,7 +215,20 @@ def _complete(path: Path) -> bool:
         return False
 
 
-def _train(trial: Trial, cfg: ExperimentConfig, checkpoint, report, checkpoint_cls) -> None:
+def prune(trial_dir: Path, keep: int = 2, keep_s: float = KEEP_CHECKPOINTS_S) -> None:
+    """Delete a trial's old checkpoints: all but the newest `keep`, and none younger than keep_s
+    seconds (Ray's saved state, behind by up to its save period, may still name them)."""
+    old = sorted(trial_dir.glob("checkpoint_*"), reverse=True)[keep:]
+    now = time.time()
+    for folder in old:
+        with contextlib.suppress(OSError):
+            if now - folder.stat().st_mtime > keep_s:
+                shutil.rmtree(folder)
+
+
+def _train(
+    trial: Trial, cfg: ExperimentConfig, checkpoint, report, checkpoint_cls, after_report=None
+) -> None:
     """Continue from a checkpoint, then report every epoch with one (Tune's or Train's API)."""
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
@@ -213,6 +240,8 @@ def _train(trial: Trial, cfg: ExperimentConfig, checkpoint, report, checkpoint_c
                 trial.save_checkpoint(Path(directory))
                 saved = checkpoint_cls.from_directory(directory)
             report(metrics, checkpoint=saved)
+        if after_report is not None:
+            after_report()
     if trial.record["status"] == "diverged":  # never the best: searchers see the worst value
         worst = -math.inf if cfg.space.mode == "max" else math.inf
         report({cfg.space.metric: worst, "diverged": 1})
@@ -508,7 +537,10 @@ def _tuner(cfg: ExperimentConfig, trainable, storage: Path, total: int) -> tune.
         run_config=tune.RunConfig(
             name=cfg.name,
             storage_path=str(storage),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            # Tune deletes nothing: its saved state (written every 10 s or so) may name an older
+            # checkpoint than the newest, and a resume needs that one to exist; prune() keeps
+            # the checkpoints of the last minutes instead
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
             failure_config=tune.FailureConfig(max_failures=cfg.retries),
             callbacks=[Progress(total)],
             verbose=0,
