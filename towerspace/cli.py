@@ -96,14 +96,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     if args.resume and args.restart:
         raise ValueError("--resume and --restart exclude each other: continue, or start over")
-    if not args.resume:  # a resumed sweep was confirmed when it started
-        sweep.preflight(cfg)  # data on disk and tower counts, before the estimate counts them
-        # refuse an occupied or unwritable storage before asking anyone to confirm a cost
-        sweep.plan_storage(cfg, sweep.resolve_storage(storage), args.restart, resume=False)
-        _confirm_cost(cfg, args.throughput, threshold, yes=args.yes, stdin=sys.stdin)
     outcome = sweep.run_sweep(
         cfg, storage=storage, address=args.address, restart=args.restart, resume=args.resume,
-        retry_errored=args.retry_errored,
+        retry_errored=args.retry_errored,  # a resumed sweep was confirmed when it started
+        confirm=lambda checked: _confirm_cost(checked, args.throughput, threshold, yes=args.yes,
+                                              stdin=sys.stdin),
     )  # fmt: skip
     counts = ", ".join(f"{n} {status}" for status, n in sorted(outcome.statuses.items()))
     print(f"\n{cfg.name}: {sum(outcome.statuses.values())} trials ({counts})")

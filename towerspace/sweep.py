@@ -13,6 +13,7 @@ import tempfile
 import time
 import zipfile
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -480,6 +481,7 @@ def run_sweep(
     restart: bool = False,
     resume: bool = False,
     retry_errored: bool = False,
+    confirm: Callable[[ExperimentConfig], None] | None = None,
 ) -> SweepOutcome:
     """Run (or resume) every trial of an experiment on Ray Tune and write its results tables."""
     preflight(cfg)
@@ -491,6 +493,8 @@ def run_sweep(
     if cfg.model.init_from is not None:
         cfg = apply(cfg, {"model.init_from": str(Path(cfg.model.init_from).resolve())})
     sweep_dir = plan_storage(cfg, storage, restart, resume)
+    if confirm is not None and not resume:  # checked input, nothing started: ask about the cost
+        confirm(cfg)
     init_ray(address)
     check_resources(cfg)
     if not resume:
