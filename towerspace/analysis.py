@@ -11,6 +11,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from towerspace.errors import UserError
+
 GROUPS = ("order", "mid", "match")  # curves of one continuum: the same order, mid op and budget
 METRIC = "final_val_acc"
 REGIMES = ("regular", "inception", "depthwise")
@@ -108,7 +110,7 @@ def reference_point(results: pd.DataFrame) -> str:
     """
     done = derive(results).query("status == 'finished'")
     if done.empty:
-        raise ValueError("no finished trials: nothing to compare against")
+        raise UserError("no finished trials: nothing to compare against")
     if "depthwise" in set(done["towers"]):
         return "depthwise"
     position = done.groupby("towers", as_index=False)["position"].mean()
@@ -137,7 +139,7 @@ def compare(
     rest = keys[1:]
     reference = reference_point(results) if reference is None else reference
     if reference not in set(done["towers"]):
-        raise ValueError(f"reference {reference!r} is not a finished point; points: "
+        raise UserError(f"reference {reference!r} is not a finished point; points: "
                          f"{', '.join(sorted(set(done['towers'])))}")  # fmt: skip
     ref = done[done["towers"] == reference].set_index([*rest, "seed"])[metric]
     rng = np.random.default_rng(seed)

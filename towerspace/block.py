@@ -8,6 +8,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from towerspace.errors import TowerSpecError
 from towerspace.impls import IMPLS, default_chooser, expand_grouped
 
 Order = Literal["spatial_first", "pointwise_first"]
@@ -66,13 +67,13 @@ def resolve_towers(
 ) -> int:
     """Exact tower count for `channels` from a count, 'regular', 'depthwise' or a group width."""
     if (towers is None) == (group_width is None):
-        raise ValueError("give exactly one of towers or group_width")
+        raise TowerSpecError("give exactly one of towers or group_width")
     if group_width is not None:
         if isinstance(group_width, bool) or not isinstance(group_width, int) or group_width < 1:
-            raise ValueError(f"group_width must be a positive int, got {group_width!r}")
+            raise TowerSpecError(f"group_width must be a positive int, got {group_width!r}")
         if channels % group_width:
             valid = ", ".join(map(str, divisors(channels)))
-            raise ValueError(
+            raise TowerSpecError(
                 f"group_width={group_width} does not divide the {channels} channels of the "
                 f"spatial convolution; valid group widths: {valid}"
             )
@@ -82,10 +83,10 @@ def resolve_towers(
     if towers == "depthwise":
         return channels
     if isinstance(towers, bool) or not isinstance(towers, int):
-        raise ValueError(f"towers must be an int, 'regular' or 'depthwise', got {towers!r}")
+        raise TowerSpecError(f"towers must be an int, 'regular' or 'depthwise', got {towers!r}")
     if towers < 1 or channels % towers:
         valid = ", ".join(map(str, divisors(channels)))
-        raise ValueError(
+        raise TowerSpecError(
             f"towers={towers} does not divide the {channels} channels of the spatial "
             f"convolution; valid tower counts: {valid}"
         )
@@ -94,7 +95,7 @@ def resolve_towers(
 
 def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not one of: {', '.join(allowed)}")
+        raise TowerSpecError(f"{name}={value!r} is not one of: {', '.join(allowed)}")
 
 
 def _out_size(size: int, kernel_size: int, stride: int, padding: int, dilation: int) -> int:
@@ -162,9 +163,9 @@ class TowerConv2d(nn.Module):
         _check_choice("mid", mid, MIDS)
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+                raise TowerSpecError(f"{name} must be a positive int, got {value!r}")
         if between is not None and mid != "none":
-            raise ValueError(f"give mid='none' with a between module, got mid={mid!r}")
+            raise TowerSpecError(f"give mid='none' with a between module, got mid={mid!r}")
         if group_width is not None:
             towers = None
         spatial = in_channels if order == "spatial_first" else out_channels
@@ -255,9 +256,11 @@ class TowerConv2d(nn.Module):
     def dense_weight(self) -> torch.Tensor:
         """The block's composed dense k×k kernel, shape (out, in, k, k); needs mid='none'."""
         if self.mid != "none":
-            raise ValueError(f"as_conv2d() needs mid='none' (a linear block), got mid={self.mid!r}")
+            raise TowerSpecError(
+                f"as_conv2d() needs mid='none' (a linear block), got mid={self.mid!r}"
+            )
         if self.custom_between and not isinstance(self.between, nn.Identity):
-            raise ValueError(
+            raise TowerSpecError(
                 f"as_conv2d() needs a linear block, got between={type(self.between).__name__}"
             )
         spatial = expand_grouped(self.spatial.weight, self.towers)  # (C, C, k, k)
@@ -304,11 +307,13 @@ def regroup_weight(weight: torch.Tensor, from_towers: int, to_towers: int) -> to
     channels = weight.shape[0]
     for name, towers in (("from_towers", from_towers), ("to_towers", to_towers)):
         if isinstance(towers, bool) or not isinstance(towers, int) or towers < 1:
-            raise ValueError(f"{name} must be a positive int, got {towers!r}")
+            raise TowerSpecError(f"{name} must be a positive int, got {towers!r}")
         if channels % towers:
-            raise ValueError(f"{name}={towers} does not divide the kernel's {channels} channels")
+            raise TowerSpecError(
+                f"{name}={towers} does not divide the kernel's {channels} channels"
+            )
     if weight.shape[1] * from_towers != channels:
-        raise ValueError(
+        raise TowerSpecError(
             f"a kernel of shape {tuple(weight.shape)} does not have {from_towers} towers"
         )
     dense = expand_grouped(weight, from_towers)  # (C, C, k, k)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
@@ -14,6 +15,7 @@ import pandas as pd
 from towerspace import tables
 from towerspace.block import MIDS, ORDERS
 from towerspace.budget import MATCHES
+from towerspace.errors import UserError
 from towerspace.models.xception import STEMS
 from towerspace.train import DEVICES, choose_device
 
@@ -95,7 +97,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from towerspace import sweep
 
     if args.resume and args.restart:
-        raise ValueError("--resume and --restart exclude each other: continue, or start over")
+        raise UserError("--resume and --restart exclude each other: continue, or start over")
     outcome = sweep.run_sweep(
         cfg, storage=storage, address=args.address, restart=args.restart, resume=args.resume,
         retry_errored=args.retry_errored,  # a resumed sweep was confirmed when it started
@@ -118,7 +120,7 @@ def _confirm_threshold(option: float | None) -> float:
     except ValueError:
         hours = -1.0
     if not hours >= 0:
-        raise ValueError(f"{CONFIRM_ENV}={text}: not allowed; allowed: a number of hours >= 0")
+        raise UserError(f"{CONFIRM_ENV}={text}: not allowed; allowed: a number of hours >= 0")
     return hours
 
 
@@ -139,12 +141,12 @@ def _confirm_cost(
         return
     spent = f"{cfg.name}: {estimate.number(hours)} {estimate.device_kind(cfg).upper()}-hours"
     if not stdin.isatty():
-        raise ValueError(f"{spent} is above the confirmation threshold of {threshold:g} "
+        raise UserError(f"{spent} is above the confirmation threshold of {threshold:g} "
                          f"(--confirm-above, {CONFIRM_ENV}) and stdin is not a terminal to ask "
                          f"on; pass --yes to launch")  # fmt: skip
     print(f"{spent} is above {threshold:g}: launch? [y/N] ", end="", flush=True)
     if stdin.readline().strip().lower() not in ("y", "yes"):
-        raise ValueError(f"{cfg.name}: not launched (answered no)")
+        raise UserError(f"{cfg.name}: not launched (answered no)")
 
 
 def cmd_estimate(args: argparse.Namespace) -> int:
@@ -152,12 +154,12 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     from towerspace import estimate
 
     if args.measure and args.throughput:
-        raise ValueError("--measure and --throughput exclude each other: time the steps here, "
+        raise UserError("--measure and --throughput exclude each other: time the steps here, "
                          "or take the figures from a file")  # fmt: skip
     _check_device(args.device)
     out = Path(args.out) if args.out else None
     if out is not None and not out.parent.is_dir():
-        raise ValueError(f"--out {out}: {out.parent} is not a folder")
+        raise UserError(f"--out {out}: {out.parent} is not a folder")
     cfg = _experiment(args)
     sizes = estimate.sizes_or_given(cfg, args.train_images, args.classes)
     rates = estimate.read_throughput(args.throughput) if args.throughput else None
@@ -182,7 +184,7 @@ def _check_device(device: str) -> None:
     import torch
 
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is visible here (allowed: cpu)")
+        raise UserError("--device cuda: no CUDA device is visible here (allowed: cpu)")
 
 
 def _print_estimate(table: pd.DataFrame, cfg, sizes, args: argparse.Namespace) -> None:
@@ -263,7 +265,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     """Rebuild a sweep's tables and draw its figures."""
     sweep_dir = Path(args.results_dir)
     if not (sweep_dir / "records").is_dir():
-        raise ValueError(f"{sweep_dir}: no sweep here (no records/ folder)")
+        raise UserError(f"{sweep_dir}: no sweep here (no records/ folder)")
     _report(sweep_dir)
     return 0
 
@@ -505,18 +507,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: run a command; user errors print one line and return 2."""
+    """Entry point: user errors print one line (exit 2), bugs their traceback (exit 1)."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except BrokenPipeError:  # the reader went away (`| head`): stop quietly
         sys.stderr.close()
         return 0
-    except ValueError as err:  # config, data and argument errors are worded for users
+    except UserError as err:  # config, data, storage and argument errors are worded for users
         if os.environ.get("TOWERSPACE_DEBUG"):
             raise
         print(f"towerspace: error: {err}", file=sys.stderr)
-        return 2
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("towerspace: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # anything else is a bug: say so, with its traceback
+        traceback.print_exc()
+        problem = f"{type(err).__name__}: {_first_line(err)}"
+        print(f"towerspace: internal error (a bug, not your input): {problem}; please report "
+              f"it with the traceback above", file=sys.stderr)  # fmt: skip
+        return 1
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else ""
 
 
 if __name__ == "__main__":

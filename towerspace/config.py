@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from towerspace.data import DataConfig
+from towerspace.errors import ConfigError
 from towerspace.models import ModelConfig
 from towerspace.models.builders import has_width_knob, split_builder
 from towerspace.towers import TowerSpec
@@ -31,10 +32,6 @@ SPACE_PARAMS = "space.params."  # so may a space parameter's key
 NOT_SPACE_PARAMS = ("name", "space", "seeds", "source", "retries", "faults")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]+$")
 FLOAT_TEXT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")  # 1e-3: a str to PyYAML
-
-
-class ConfigError(ValueError):
-    """One-line, user-facing: names the file, the field, the value and what is allowed."""
 
 
 @dataclass(frozen=True)

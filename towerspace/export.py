@@ -10,6 +10,7 @@ from torch import nn
 from torch.export import Dim, ExportedProgram
 
 from towerspace.block import IMPL_NAMES, TowerConv2d
+from towerspace.errors import ConfigError
 
 ONNX_LIMIT = 2**31  # bytes: an ONNX protobuf holds at most 2 GiB, larger weights go beside it
 
@@ -22,14 +23,14 @@ def export_copy(model: nn.Module, impl: str | None = "native") -> nn.Module:
     it times kernels on real tensors at run time, so it is refused.
     """
     if impl is not None and impl not in IMPL_NAMES:
-        raise ValueError(f"impl={impl!r} is not one of: {', '.join(IMPL_NAMES)}")
+        raise ConfigError(f"impl={impl!r} is not one of: {', '.join(IMPL_NAMES)}")
     clone = copy.deepcopy(model).eval()
     for name, block in clone.named_modules():
         if not isinstance(block, TowerConv2d):
             continue
         block.impl = impl or block.impl
         if block.impl == "auto":
-            raise ValueError(
+            raise ConfigError(
                 f"{name or 'model'}: impl='auto' times kernels at run time and cannot be "
                 f"exported; export with impl='native' or another fixed impl"
             )

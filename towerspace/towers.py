@@ -11,6 +11,7 @@ from typing import Any
 from torch import nn
 
 from towerspace.block import TowerConv2d, divisors, regime
+from towerspace.errors import TowerSpecError
 
 KINDS = ("towers", "group_width", "position")
 SNAPS = ("nearest", "strict")
@@ -25,17 +26,17 @@ class TowerSpec:
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise ValueError(f"tower spec kind {self.kind!r} is not one of: {', '.join(KINDS)}")
+            raise TowerSpecError(f"tower spec kind {self.kind!r} is not one of: {', '.join(KINDS)}")
         if self.kind == "position":
             if not isinstance(self.value, int | float) or not 0.0 <= self.value <= 1.0:
-                raise ValueError(f"position must be a number in [0, 1], got {self.value!r}")
+                raise TowerSpecError(f"position must be a number in [0, 1], got {self.value!r}")
         elif self.kind == "towers" and self.value in ("regular", "depthwise"):
             pass
         elif isinstance(self.value, bool) or not isinstance(self.value, int) or self.value < 1:
             allowed = (
                 "an int >= 1, 'regular' or 'depthwise'" if self.kind == "towers" else "an int >= 1"
             )
-            raise ValueError(f"{self.kind} must be {allowed}, got {self.value!r}")
+            raise TowerSpecError(f"{self.kind} must be {allowed}, got {self.value!r}")
 
     @classmethod
     def parse(cls, spec: TowerSpecLike) -> TowerSpec:
@@ -44,7 +45,7 @@ class TowerSpec:
             return spec
         if isinstance(spec, Mapping):
             if len(spec) != 1 or next(iter(spec)) not in KINDS:
-                raise ValueError(
+                raise TowerSpecError(
                     f"a tower spec mapping has one key of {', '.join(KINDS)}, got {dict(spec)!r}"
                 )
             ((kind, value),) = spec.items()
@@ -94,7 +95,7 @@ def realize(spec: TowerSpec, channels: int, snap: str = "nearest", site: str = "
     if snap == "strict":
         noun = "towers" if spec.kind == "towers" else "group_width"
         valid = ", ".join(map(str, divisors(channels)))
-        raise ValueError(
+        raise TowerSpecError(
             f"{where}{noun}={value} does not divide {channels} channels; valid: {valid}"
         )
     return nearest_divisor(channels, target)
@@ -115,7 +116,7 @@ class TowerSchedule:
 
     def __post_init__(self) -> None:
         if self.snap not in SNAPS:
-            raise ValueError(f"snap={self.snap!r} is not one of: {', '.join(SNAPS)}")
+            raise TowerSpecError(f"snap={self.snap!r} is not one of: {', '.join(SNAPS)}")
 
     @classmethod
     def build(
@@ -128,7 +129,7 @@ class TowerSchedule:
         """A schedule from plain values: `build(4)`, `build({'position': .5}, {'exit': 1})`."""
         if isinstance(towers, TowerSchedule):
             if overrides or layer_seed is not None:
-                raise ValueError("give overrides inside the TowerSchedule, not beside it")
+                raise TowerSpecError("give overrides inside the TowerSchedule, not beside it")
             return towers
         parsed = {name: TowerSpec.parse(spec) for name, spec in (overrides or {}).items()}
         return cls(TowerSpec.parse(towers), parsed, snap, layer_seed)
@@ -153,7 +154,7 @@ class TowerSchedule:
             if not any(s == prefix or s.startswith(prefix + ".") for s in sites):
                 close = [s for s in sites if s.split(".")[0] == prefix.split(".")[0]][:3]
                 hint = f" (sites look like: {', '.join(close or sites[:3])})"
-                raise ValueError(f"tower override {prefix!r} matches no tower site{hint}")
+                raise TowerSpecError(f"tower override {prefix!r} matches no tower site{hint}")
 
     def label(self) -> str:
         """Short text for tables: the default spec, plus '+N overrides'."""

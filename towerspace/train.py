@@ -17,6 +17,7 @@ from torch import nn
 
 from towerspace import memory
 from towerspace.data import DataBundle
+from towerspace.errors import ConfigError
 from towerspace.parallel import synchronise_batchnorm
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -73,7 +74,7 @@ class Diverged(RuntimeError):
 def choose_device(name: str) -> torch.device:
     """'auto' picks CUDA when present; 'cuda' without a GPU is an error."""
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device: 'cuda' was asked for but no CUDA device is visible")
+        raise ConfigError("train.device: 'cuda' was asked for but no CUDA device is visible")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)

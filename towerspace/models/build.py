@@ -9,6 +9,7 @@ from torch import nn
 
 from towerspace.block import IMPL_NAMES, MIDS, ORDERS
 from towerspace.budget import MATCHES
+from towerspace.errors import ConfigError
 from towerspace.models.builders import TORCHVISION, build_towerized
 from towerspace.models.pretrained import load_pretrained
 from towerspace.models.xception import STEMS, xception
@@ -44,10 +45,10 @@ def build_model(cfg: ModelConfig, *, in_chans: int, num_classes: int, image_size
     """The model a config describes, sized for a data set's channels, classes and images."""
     stem = cfg.stem if cfg.stem != "auto" else ("small" if image_size <= 64 else "imagenet")
     if cfg.init_from is not None and cfg.match != "none":
-        raise ValueError(f"init_from needs match 'none' (budget matching changes widths), "
+        raise ConfigError(f"init_from needs match 'none' (budget matching changes widths), "
                          f"got match {cfg.match!r}")  # fmt: skip
     if cfg.init_from is not None and cfg.name != "xception":
-        raise ValueError(f"init_from needs name 'xception' for now, got name {cfg.name!r}")
+        raise ConfigError(f"init_from needs name 'xception' for now, got name {cfg.name!r}")
     if cfg.name != "xception":  # any other network: built, then towerized
         return build_towerized(cfg, in_chans=in_chans, num_classes=num_classes,
                                image_size=image_size, small_stem=stem == "small")  # fmt: skip
@@ -74,5 +75,5 @@ def build_model(cfg: ModelConfig, *, in_chans: int, num_classes: int, image_size
         try:
             load_pretrained(model, cfg.init_from)
         except ValueError as err:
-            raise ValueError(f"init_from {cfg.init_from}: {err}") from None
+            raise ConfigError(f"init_from {cfg.init_from}: {err}") from None
     return model

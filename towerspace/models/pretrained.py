@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from towerspace.block import TowerConv2d, regroup_weight
+from towerspace.errors import ConfigError
 
 StateDict = Mapping[str, torch.Tensor]
 TIMM_BN_EPS = 1e-5  # timm's legacy_xception keeps PyTorch's default; Keras (and towerspace) 1e-3
@@ -72,12 +73,12 @@ def read_state_dict(source: str | Path | StateDict) -> dict[str, torch.Tensor]:
         return dict(source)
     path = Path(source)
     if not path.is_file():
-        raise ValueError(f"{str(path)!r} is not a file")
+        raise ConfigError(f"{str(path)!r} is not a file")
     state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
         state = state["state_dict"]  # a checkpoint that wraps its weights
     if not isinstance(state, Mapping):
-        raise ValueError(f"{str(path)!r} does not hold a state dict")
+        raise ConfigError(f"{str(path)!r} does not hold a state dict")
     return dict(state)
 
 
@@ -98,7 +99,7 @@ def check_keys(model: nn.Module, state_dict: StateDict) -> None:
     missing = [k for k in target if k not in state_dict]
     unexpected = [k for k in state_dict if k not in target]
     if missing or unexpected:
-        raise ValueError(f"state dict does not fit the model: {len(missing)} missing "
+        raise ConfigError(f"state dict does not fit the model: {len(missing)} missing "
                          f"[{_listing(missing)}], {len(unexpected)} unexpected "
                          f"[{_listing(unexpected)}]")  # fmt: skip
 
@@ -108,7 +109,7 @@ def _regrouped(key: str, weight: torch.Tensor, towers: int) -> torch.Tensor:
     channels, group_width = weight.shape[0], weight.shape[1]
     source_towers = channels // group_width if channels % group_width == 0 else 0
     if source_towers == 0 or source_towers % towers:
-        raise ValueError(f"{key}: a kernel at {source_towers or '?'} towers cannot start a layer "
+        raise ConfigError(f"{key}: a kernel at {source_towers or '?'} towers cannot start a layer "
                          f"at {towers} towers (the model's tower count must divide the "
                          f"source's)")  # fmt: skip
     return weight if source_towers == towers else regroup_weight(weight, source_towers, towers)
@@ -133,7 +134,7 @@ def init_from_depthwise(model: nn.Module, state_dict: StateDict) -> nn.Module:
             mismatched.append(f"{key} {tuple(value.shape)} vs {tuple(tensor.shape)}")
         weights[key] = value
     if mismatched:
-        raise ValueError(f"{len(mismatched)} tensors differ in shape from the source "
+        raise ConfigError(f"{len(mismatched)} tensors differ in shape from the source "
                          f"[{_listing(mismatched, 2)}]: widths, classes and input channels must be "
                          f"equal (budget matching changes widths: model.match must be "
                          f"'none')")  # fmt: skip

@@ -17,6 +17,7 @@ from torchvision.ops import SqueezeExcitation
 
 from towerspace.block import Complexity, TowerConv2d, regroup_weight
 from towerspace.budget import MATCHES, Match
+from towerspace.errors import ConfigError
 from towerspace.models.xception import Xception
 from towerspace.towers import TowerSchedule, TowerSpecLike
 
@@ -86,18 +87,18 @@ def towerize(
     the FLOP count); model.budget reports the solve.
     """
     if match not in MATCHES:
-        raise ValueError(f"match={match!r} is not one of: {', '.join(MATCHES)}")
+        raise ConfigError(f"match={match!r} is not one of: {', '.join(MATCHES)}")
     schedule = TowerSchedule.build(towers, overrides, snap, layer_seed)
     options = Options(order, mid, min_channels, carry_weights, impl)
     if isinstance(model, nn.Module):
         if match != "none":
-            raise ValueError(
+            raise ConfigError(
                 f"match={match!r} needs a builder `width -> nn.Module`, got a "
                 f"{type(model).__name__} instance (it has no width to solve)"
             )
         return towerize_in_place(copy.deepcopy(model), schedule, options)
     if not callable(model):
-        raise ValueError(f"model must be an nn.Module or a builder, got {type(model).__name__}")
+        raise ConfigError(f"model must be an nn.Module or a builder, got {type(model).__name__}")
     width = base_width
     solved = None
     if match != "none":
@@ -120,7 +121,7 @@ def towerize_in_place(
     sites = plan(model, options.min_channels)
     replaced = [s.path for s in sites if s.kind != "skipped"]
     if not replaced:
-        raise ValueError(
+        raise ConfigError(
             f"towerize: no convolution of {type(model).__name__} can take towers "
             f"({len(sites)} looked at, all skipped)"
         )

@@ -11,6 +11,7 @@ from torch import nn
 
 from towerspace.block import Complexity, TowerConv2d, tower_complexity
 from towerspace.budget import MATCHES, Match, match_channels, round_channels
+from towerspace.errors import ConfigError
 from towerspace.towers import TowerSchedule, TowerSpecLike
 
 # The paper's figure 5 / Keras Applications at width 1.0. Channel groups are named so that a
@@ -183,7 +184,7 @@ class Xception(nn.Module):
     ) -> None:
         super().__init__()
         if stem not in STEMS:
-            raise ValueError(f"stem={stem!r} is not one of: {', '.join(STEMS)}")
+            raise ConfigError(f"stem={stem!r} is not one of: {', '.join(STEMS)}")
         c = dict(channels)
         self.channels, self.schedule = c, schedule
         self.arch = {"num_classes": num_classes, "in_chans": in_chans, "stem": stem,
@@ -220,7 +221,7 @@ class Xception(nn.Module):
     def complexity(self, height: int, width: int | None = None) -> Complexity:
         """Parameters and FLOPs per image for a square input of side height, by formula."""
         if width not in (None, height):
-            raise ValueError("Xception.complexity takes square inputs")
+            raise ConfigError("Xception.complexity takes square inputs")
         return xception_complexity(self.channels, self.schedule, height, **self.arch)
 
 
@@ -253,11 +254,11 @@ def xception(
     impl='auto' runs each separable conv with its fastest implementation (towerspace.impls).
     """
     if match not in MATCHES:
-        raise ValueError(f"match={match!r} is not one of: {', '.join(MATCHES)}")
+        raise ConfigError(f"match={match!r} is not one of: {', '.join(MATCHES)}")
     if not 0 < width <= 16:
-        raise ValueError(f"width must be in (0, 16], got {width!r}")
+        raise ConfigError(f"width must be in (0, 16], got {width!r}")
     if middle_blocks < 0:
-        raise ValueError(f"middle_blocks must be >= 0, got {middle_blocks!r}")
+        raise ConfigError(f"middle_blocks must be >= 0, got {middle_blocks!r}")
     schedule = TowerSchedule.build(towers, overrides, snap, layer_seed)
     size = input_size or (299 if stem == "imagenet" else 32)
     kw = {"num_classes": num_classes, "in_chans": in_chans, "middle_blocks": middle_blocks,
