@@ -152,7 +152,8 @@ BAD_FILES = [
     ("seeds: [0]", "seeds: [1, 1]", "seeds: [1, 1] repeats a seed"),
     ("name: t\n", "", "name: missing (required)"),
     ("name: t", "name: my sweep",
-     "name: 'my sweep' may hold only letters, digits, '_', '-' and '.'"),
+     "name: 'my sweep' is not allowed; a sweep name is one folder name: letters, digits, '_', "
+     "'-' and '.', not starting with '.' or '-' (at most 100 characters)"),
     ("space: continuum", "space: contnuum", "space: no search space 'contnuum'; did you mean "
      "'continuum'? (available: continuum, group_width, inception_points, layerwise_random, "
      "order_x_mid, per_flow)"),

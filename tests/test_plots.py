@@ -130,9 +130,9 @@ def test_plot_command_with_a_corrupt_and_a_missing_trial(tiny_sweep, tmp_path, c
     records[1].unlink()  # missing: Ray's trial folder says the trial was there
     assert main(["plot", str(sweep)]) == 0
     out, err = capsys.readouterr()
-    assert err == (f"towerspace: warning: skipped damaged trial records: {records[0].name} "
-                   f"(JSONDecodeError)\ntowerspace: warning: no record for trials: "
-                   f"{records[1].stem}\n")  # fmt: skip
+    assert err == (f"towerspace: warning: skipped damaged trial records: records/"
+                   f"{records[0].name} (not valid JSON)\ntowerspace: warning: no record for "
+                   f"trials: {records[1].stem}\n")  # fmt: skip
     assert f"  {sweep / 'plots' / 'continuum.png'}" in out
     assert len(results.load(sweep / "results.parquet")) == 4
     report = write_report(sweep)

@@ -56,7 +56,10 @@ def test_damaged_records_are_skipped_and_named(sweep_dir):
         table = results.load(sweep_dir)
     assert sorted(table["trial_id"]) == ["a", "b", "d", "e"]
     (message,) = [str(w.message) for w in caught if w.category is results.DamagedRecord]
-    assert message == "skipped damaged trial records: c.json (JSONDecodeError), z.json (ValueError)"
+    assert message == (
+        "skipped damaged trial records: records/c.json (not valid JSON); "
+        "records/z.json (expected a mapping of fields, got list)"
+    )
 
 
 def test_load_refuses_a_folder_without_a_sweep(tmp_path):

@@ -72,7 +72,11 @@ def test_resume_after_a_kill_reruns_nothing_and_loses_nothing(tmp_path, how):
         os.killpg(first.pid, signal.SIGKILL)
     else:  # Ctrl-C: Ray Tune saves its state and stops
         os.kill(first.pid, signal.SIGINT)
-    first.wait(timeout=120)
+    code = first.wait(timeout=120)
+    if how == "SIGINT":  # Ray Tune saved its state and stopped: interrupted, resumable
+        log = (tmp_path / "log0.txt").read_text()
+        assert code == 130, log[-3000:]
+        assert "trials unfinished; the same command with --resume continues them" in log
     before = _records(tmp_path)
     finished_before = {k: r for k, r in before.items() if r["status"] == "finished"}
     midway = {k: _checkpointed(tmp_path, k) for k, r in before.items() if r["status"] == "running"}
@@ -187,6 +191,7 @@ def test_resume_refuses_a_different_experiment_and_a_damaged_state(tiny_sweep, t
 def test_a_sweep_from_before_a_new_field_resumes_when_the_field_has_its_default(tmp_path):
     from towerspace import config
     from towerspace.config import ConfigError
+    from towerspace.errors import StorageError
     from towerspace.sweep import EXPERIMENT_FILE, _comparable, plan_storage
 
     cfg = config.load_experiment(EXPERIMENT, SETS)
@@ -195,7 +200,7 @@ def test_a_sweep_from_before_a_new_field_resumes_when_the_field_has_its_default(
     old = _comparable(cfg)
     del old["resources"]["workers"], old["data"]["stream"]  # written by an older towerspace
     (sweep_dir / EXPERIMENT_FILE).write_text(json.dumps(old))
-    with pytest.raises(ConfigError, match="holds no Ray Tune state to resume"):
+    with pytest.raises(StorageError, match="holds no Ray Tune state to resume"):
         plan_storage(cfg, tmp_path, restart=False, resume=True)  # the experiment matched
     changed = config.apply(cfg, {"resources.workers": 2})
     with pytest.raises(ConfigError, match=r"different experiment \(changed: resources.workers\)"):

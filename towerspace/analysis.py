@@ -95,7 +95,7 @@ def summarize(
     failed = table[table["status"] != "finished"].groupby(keys, sort=False, dropna=False).size()
     agg["failed"] = failed.reindex(agg.index, fill_value=0).astype(int)
     for column in ("params", "flops", "training_flops"):
-        if column in agg:
+        if column in agg and agg[column].notna().all():  # a count where every trial has one
             agg[column] = agg[column].round().astype("int64")
     summary = agg.reset_index().sort_values([*keys[1:], "position"], kind="stable")
     summary = summary.reset_index(drop=True)

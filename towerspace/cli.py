@@ -106,8 +106,22 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     )  # fmt: skip
     counts = ", ".join(f"{n} {status}" for status, n in sorted(outcome.statuses.items()))
     print(f"\n{cfg.name}: {sum(outcome.statuses.values())} trials ({counts})")
+    _print_failures(outcome.results_path)
     _report(outcome.sweep_dir)
+    if outcome.unfinished:
+        print(f"{cfg.name}: interrupted with {outcome.unfinished} trials unfinished; the same "
+              f"command with --resume continues them", file=sys.stderr)  # fmt: skip
+        return 130
     return 1 if outcome.failed else 0
+
+
+def _print_failures(results_path: Path) -> None:
+    """One line per trial that failed: its point, seed and error."""
+    table = pd.read_parquet(results_path)
+    failed = table[table["status"].isin(["error", "diverged"])]
+    for row in failed.itertuples(index=False):
+        print(f"  {row.status:8} towers={row.towers} seed={row.seed} ({row.trial_id}): "
+              f"{row.error}")  # fmt: skip
 
 
 def _confirm_threshold(option: float | None) -> float:
@@ -244,10 +258,10 @@ def _shown(path: Path) -> Path:
         return path
 
 
-def _report(sweep_dir: Path) -> None:
+def _report(sweep_dir: Path, out: Path | None = None) -> None:
     from towerspace.report import write_report
 
-    report = write_report(sweep_dir)
+    report = write_report(sweep_dir, out=out)
     for note in report.warnings:
         print(f"towerspace: warning: {note}", file=sys.stderr)
     if not report.summary.empty:
@@ -255,7 +269,7 @@ def _report(sweep_dir: Path) -> None:
                    "images_per_s", "failed"]  # fmt: skip
         shown = report.summary[[c for c in columns if c in report.summary]].round(4)
         _print_table(shown, "final validation accuracy over seeds (95% t-interval), by towers:")
-    shown = _shown(sweep_dir)
+    shown = _shown(out or sweep_dir)
     print(f"results: {shown / 'results.parquet'}\nhistory: {shown / 'history.parquet'}")
     pngs = [_shown(p) for p in report.figures if p.suffix == ".png"]
     print("figures:\n" + "\n".join(f"  {p}" for p in pngs))
@@ -266,7 +280,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     sweep_dir = Path(args.results_dir)
     if not (sweep_dir / "records").is_dir():
         raise UserError(f"{sweep_dir}: no sweep here (no records/ folder)")
-    _report(sweep_dir)
+    _report(sweep_dir, Path(args.out) if args.out else None)
     return 0
 
 
@@ -430,6 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     plot = sub.add_parser("plot", help="rebuild a sweep's tables and draw its figures")
     plot.add_argument("results_dir", help="a sweep's folder, e.g. runs/digits_continuum")
+    plot.add_argument("--out", default=None, metavar="FOLDER",
+                      help="write the tables and figures there instead of into the sweep's "
+                      "folder (for a folder you cannot or should not write)")  # fmt: skip
     plot.set_defaults(func=cmd_plot)
 
     prof = sub.add_parser("profile", help="time the block at every tower count and impl")

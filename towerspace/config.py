@@ -5,8 +5,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import numbers
 import re
+import sys
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -19,7 +21,7 @@ import yaml
 from towerspace.data import DataConfig
 from towerspace.errors import ConfigError
 from towerspace.models import ModelConfig
-from towerspace.models.builders import has_width_knob, split_builder
+from towerspace.models.builders import has_width_knob, split_builder, syntax_problem
 from towerspace.towers import TowerSpec
 from towerspace.train import TrainConfig
 
@@ -30,7 +32,15 @@ OVERRIDES = "model.overrides."  # a tower override's site prefix may itself hold
 SPACE_PARAMS = "space.params."  # so may a space parameter's key
 # what a trial's point never sets
 NOT_SPACE_PARAMS = ("name", "space", "seeds", "source", "retries", "faults")
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]+$")
+# one folder name: no separators, no '.', '..' or hidden folder, no leading '-' (an option)
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")
+NAME_RULE = ("a sweep name is one folder name: letters, digits, '_', '-' and '.', not starting "
+             "with '.' or '-' (at most 100 characters)")  # fmt: skip
+SEED_MAX = 2**32 - 1  # NumPy's and torch's common seed range: 0 to this
+# what a YAML document (file or --set value) may be: small, shallow, and not an alias bomb
+YAML_MAX_BYTES = 2**20
+YAML_MAX_DEPTH = 32  # nested mappings and lists
+YAML_MAX_NODES = 10_000  # values once aliases are expanded (a document that uses aliases)
 FLOAT_TEXT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")  # 1e-3: a str to PyYAML
 
 
@@ -171,7 +181,10 @@ def _as_float(value: Any) -> float | None:
     if isinstance(value, str) and FLOAT_TEXT.match(value):
         return float(value)
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an integer of hundreds of digits
+            return math.inf if value > 0 else -math.inf
     return None
 
 
@@ -197,6 +210,8 @@ def _coerce_scalar(hint: Any, value: Any, where: str, path: str) -> Any:
         number = _as_float(value)
         if number is None:
             _fail(where, path, f"expected a number, got {_show(value)}")
+        if not math.isfinite(number):  # .inf, .nan, 1e400
+            _fail(where, path, f"expected a finite number, got {_show(number)}")
         return number
     if not isinstance(value, str):
         _fail(where, path, f"expected a string, got {_show(value)}")
@@ -265,6 +280,10 @@ def _domain(data: Any, where: str, path: str) -> Domain:
         _fail(where, path, f"{kind} needs a non-empty list, got {_show(values)}")
     if kind in RANGE_KINDS:
         values = _range_bounds(kind, list(values), where, path)
+    for value in values:
+        number = _as_float(value)
+        if number is not None and not math.isfinite(number):
+            _fail(where, path, f"{kind} values must be finite numbers, got {_show(number)}")
     return Domain(kind, tuple(values))
 
 
@@ -276,6 +295,8 @@ def _range_bounds(kind: str, values: list[Any], where: str, path: str) -> list[A
     else:
         bounds = [_as_float(v) for v in values]
         wanted = "0 < low < high" if kind == "loguniform" else "low < high"
+    if len(bounds) == 2 and None not in bounds and not all(map(math.isfinite, bounds)):
+        _fail(where, path, f"{kind} needs finite bounds [low, high], got {_show(values)}")
     if len(bounds) != 2 or None in bounds or bounds[0] >= bounds[1]:
         _fail(where, path, f"{kind} needs [low, high] with {wanted}, got {_show(values)}")
     if kind == "loguniform" and bounds[0] <= 0:
@@ -335,11 +356,119 @@ def _set(raw: dict[str, Any], key: str, value: Any) -> None:
 # ---------------------------------------------------------------- files and overrides
 
 
+class _Refused(Exception):
+    """A YAML document outside the bounds of _BoundedLoader: what, and where it starts."""
+
+    def __init__(self, problem: str, mark: yaml.Mark | None) -> None:
+        super().__init__(problem)
+        self.problem, self.mark = problem, mark
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """safe_load's loader, refusing deep nesting, alias bombs and recursive aliases while the
+    node graph is composed, before any Python object is built from it."""
+
+    def __init__(self, stream: str | bytes) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._open: dict[str, yaml.Node | None] = {}  # anchors whose node is being composed
+        self._aliased = False
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            self._aliased = True
+            if event.anchor in self._open:  # `&a [*a]`: the node would contain itself
+                raise _Refused(f"recursive alias *{event.anchor} inside &{event.anchor}",
+                               event.start_mark)  # fmt: skip
+            return super().compose_node(parent, index)
+        if not isinstance(event, yaml.CollectionStartEvent):
+            return super().compose_node(parent, index)
+        if self._depth == YAML_MAX_DEPTH:
+            raise _Refused(f"nesting deeper than {YAML_MAX_DEPTH} levels", event.start_mark)
+        self._depth += 1
+        anchor = event.anchor
+        if anchor is not None:
+            self._open[anchor] = None
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+            self._open.pop(anchor, None)
+
+    def compose_document(self) -> yaml.Node:
+        node = super().compose_document()
+        if self._aliased:  # without aliases the composed graph is the document as written
+            _expanded_size(node, 1, {})
+        return node
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        try:
+            return super().construct_yaml_int(node)
+        except ValueError:  # more digits than int() reads (sys.get_int_max_str_digits)
+            digits = sys.get_int_max_str_digits()
+            raise _Refused(f"an integer of more than {digits} digits", node.start_mark) from None
+
+
+_BoundedLoader.add_constructor("tag:yaml.org,2002:int", _BoundedLoader.construct_yaml_int)
+
+
+def _expanded_size(node: yaml.Node, depth: int, seen: dict[int, tuple[int, int]]) -> int:
+    """How many nodes `node` stands for once aliases are expanded; refuses more than
+    YAML_MAX_NODES, or nesting past YAML_MAX_DEPTH through aliases. seen: id → (size, height),
+    so each shared node is counted once however often it is referred to."""
+    if not isinstance(node, yaml.CollectionNode):
+        return 1
+    if id(node) not in seen:
+        if depth > YAML_MAX_DEPTH:
+            raise _Refused(f"nesting deeper than {YAML_MAX_DEPTH} levels once aliases are "
+                           f"expanded", node.start_mark)  # fmt: skip
+        children = node.value if isinstance(node, yaml.SequenceNode) else (
+            part for pair in node.value for part in pair)  # fmt: skip
+        size, height = 1, 1
+        for child in children:
+            size += _expanded_size(child, depth + 1, seen)
+            if isinstance(child, yaml.CollectionNode):
+                height = max(height, 1 + seen[id(child)][1])
+        seen[id(node)] = (size, height)
+    size, height = seen[id(node)]
+    if depth + height - 1 > YAML_MAX_DEPTH:
+        raise _Refused(f"nesting deeper than {YAML_MAX_DEPTH} levels once aliases are "
+                       f"expanded", node.start_mark)  # fmt: skip
+    if size > YAML_MAX_NODES:
+        raise _Refused(f"aliases expand to more than {YAML_MAX_NODES:,} values",
+                       node.start_mark)  # fmt: skip
+    return size
+
+
+def _load_yaml(text: str | bytes, where: str, *, lines: bool = True) -> Any:
+    """yaml.safe_load within bounds: a refused document is a ConfigError naming `where`; bad
+    YAML raises yaml.YAMLError as safe_load does. lines: say where in the text it starts."""
+    size = len(text.encode() if isinstance(text, str) else text)
+    if size > YAML_MAX_BYTES:
+        raise ConfigError(f"{where}: not accepted: {size:,} bytes is more than the limit of "
+                          f"1 MiB ({YAML_MAX_BYTES:,} bytes)")  # fmt: skip
+    loader = _BoundedLoader(text)
+    try:
+        return loader.get_single_data()
+    except _Refused as err:
+        line = f" (line {err.mark.line + 1})" if lines and err.mark else ""
+        raise ConfigError(f"{where}: not accepted: {err.problem}{line}") from None
+    finally:
+        loader.dispose()
+
+
 def _read_yaml(path: Path) -> Any:
     if not path.is_file():
         raise ConfigError(f"{path}: no such file")
+    size = path.stat().st_size
+    if size > YAML_MAX_BYTES:  # before reading it
+        raise ConfigError(f"{path}: not accepted: {size:,} bytes is more than the limit of "
+                          f"1 MiB ({YAML_MAX_BYTES:,} bytes)")  # fmt: skip
+    with path.open("rb") as file:
+        text = file.read(YAML_MAX_BYTES + 1)  # a file that grew since is refused by _load_yaml
     try:
-        return yaml.safe_load(path.read_text())
+        return _load_yaml(text, str(path))
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
@@ -364,13 +493,14 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"--set {text}: expected key=value")
     key, _, value = text.partition("=")
     key = key.strip()
+    shown = text if len(text) <= 80 else f"{text[:60]}... ({len(text):,} characters)"
     if not _known_path(key) and not key.startswith("space."):
         hint = _did_you_mean(key, _field_paths(ExperimentConfig))
-        raise ConfigError(f"--set {text}: unknown field{'; ' + hint.strip() if hint else ''}")
+        raise ConfigError(f"--set {shown}: unknown field{'; ' + hint.strip() if hint else ''}")
     try:
-        return key, yaml.safe_load(value)
+        return key, _load_yaml(value, f"--set {shown}", lines="\n" in value)
     except yaml.YAMLError:
-        raise ConfigError(f"--set {text}: the value is not valid YAML") from None
+        raise ConfigError(f"--set {shown}: the value is not valid YAML") from None
 
 
 def space_dirs(experiment_file: str | Path) -> tuple[Path, ...]:
@@ -454,10 +584,17 @@ def _validate(raw: dict[str, Any], where: str, space_file: str) -> ExperimentCon
     if "space" in raw:
         data["space"] = _build(SpaceConfig, raw["space"], space_file)
     cfg = _build(ExperimentConfig, data, where)
-    if not NAME_PATTERN.match(cfg.name):
-        _fail(where, "name", f"{cfg.name!r} may hold only letters, digits, '_', '-' and '.'")
+    if not NAME_PATTERN.fullmatch(cfg.name):
+        shown = repr(cfg.name)
+        if len(cfg.name) > 100:
+            shown = f"{cfg.name[:40]!r}... ({len(cfg.name):,} characters)"
+        _fail(where, "name", f"{shown} is not allowed; {NAME_RULE}")
     if not cfg.seeds:
         _fail(where, "seeds", "needs at least one seed")
+    seeds = {f"seeds[{i}]": seed for i, seed in enumerate(cfg.seeds)}
+    for path, seed in {**seeds, "data.split_seed": cfg.data.split_seed}.items():
+        if not 0 <= seed <= SEED_MAX:
+            _fail(where, path, f"{seed} is out of range; allowed: 0 to {SEED_MAX}")
     if len(set(cfg.seeds)) != len(cfg.seeds):
         _fail(where, "seeds", f"{list(cfg.seeds)} repeats a seed")
     if cfg.scheduler.name == "asha" and cfg.scheduler.grace_period > cfg.train.epochs:
@@ -502,6 +639,8 @@ def _check_model(model: ModelConfig, where: str) -> None:
         if not path.is_file():
             _fail(where, "model.builder", f"{_show(model.builder)}: no such file {path} (relative "
                                           f"to the working directory)")  # fmt: skip
+        if problem := syntax_problem(path):  # now, not in every trial
+            _fail(where, "model.builder", problem)
     if not has_width_knob(model.name):
         if model.match != "none":
             _fail(where, "model.match", f"{_show(model.match)}: {model.name} has no width knob "

@@ -14,11 +14,13 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data.distributed import DistributedSampler
 
+from towerspace.errors import DataError
 from towerspace.parallel import shard
 
 NAMES = ("digits", "mnist", "cifar10", "cifar100", "imagefolder", "synthetic")
 AUGMENTS = ("auto", "none", "crop", "crop_flip")
 STREAMS = ("auto", "always", "never")
+EXACT_SIZES_BYTES = 2**28  # synthetic data up to this size is loaded to count its split exactly
 TENSOR_LIMIT = 20_000  # image folders up to this many images are decoded once and held as tensors
 PREFETCH = 4  # batches each DataLoader worker keeps ready (torch's default is 2)
 CROP_FRACTION = 0.875  # validation: centre crop of this fraction (TF-slim Inception, 299 of 342)
@@ -37,10 +39,6 @@ EXPECTED = {
     "cifar100": "cifar-100-python/",
     "imagefolder": "one folder per class (or train/ and val/ holding them)",
 }
-
-
-class DataError(ValueError):
-    """A data set that cannot be loaded; the message says which, where, and how to fix it."""
 
 
 @dataclass(frozen=True)
@@ -382,9 +380,12 @@ def _imagefolder(cfg: DataConfig, num_workers: int, device: torch.device) -> Dat
     split_dirs = (root / "train", root / "val")
     try:
         if all(d.is_dir() for d in split_dirs):
-            parts = [torchvision.datasets.ImageFolder(str(d), transform=val_tf) for d in split_dirs]
+            parts = [
+                torchvision.datasets.ImageFolder(str(d), val_tf, loader=open_image)
+                for d in split_dirs
+            ]
         else:
-            parts = [torchvision.datasets.ImageFolder(str(root), transform=val_tf)]
+            parts = [torchvision.datasets.ImageFolder(str(root), val_tf, loader=open_image)]
     except (FileNotFoundError, OSError) as err:
         raise DataError(f"data.root: no class folders of images under {str(root)!r} "
                         f"({err})") from None  # fmt: skip
@@ -396,6 +397,18 @@ def _imagefolder(cfg: DataConfig, num_workers: int, device: torch.device) -> Dat
     if len(stacked) == 2:
         return _bundle(cfg, *stacked[0], *stacked[1], classes)
     return _from_tensors(cfg, *stacked[0], classes)
+
+
+def open_image(path: str):
+    """An image file as RGB (ImageFolder's loader), or a DataError that names the file."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f:
+            image = Image.open(f)
+            return image.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as err:  # PIL: truncated, corrupt, not an image
+        raise DataError(f"{path}: cannot decode this image ({type(err).__name__}: {err})") from None
 
 
 def _decode_all(dataset, num_workers: int) -> tuple[Tensor, Tensor]:
@@ -423,13 +436,17 @@ def _stream_imagefolder(cfg, parts, num_workers: int, device: torch.device) -> D
 
     train_tf, val_tf = stream_transforms(cfg.image_size)
     if len(parts) == 2:
-        train = ImageFolder(parts[0].root, transform=train_tf)
-        val = ImageFolder(parts[1].root, transform=val_tf)
+        train = ImageFolder(parts[0].root, train_tf, loader=open_image)
+        val = ImageFolder(parts[1].root, val_tf, loader=open_image)
     else:
         labels = torch.tensor(parts[0].targets)
         train_idx, val_idx = _split(labels, cfg.val_fraction, cfg.split_seed)
-        train = torch.utils.data.Subset(ImageFolder(parts[0].root, transform=train_tf), train_idx)
-        val = torch.utils.data.Subset(ImageFolder(parts[0].root, transform=val_tf), val_idx)
+        train = torch.utils.data.Subset(
+            ImageFolder(parts[0].root, train_tf, loader=open_image), train_idx
+        )
+        val = torch.utils.data.Subset(
+            ImageFolder(parts[0].root, val_tf, loader=open_image), val_idx
+        )
     return DataBundle(
         cfg.name,
         LoaderBatches(train, num_workers=num_workers, device=device),
@@ -450,7 +467,8 @@ def split_sizes(class_counts: list[int], val_fraction: float) -> tuple[int, int]
 
 
 def _count_images(folder: Path) -> list[int]:
-    """Images per class folder, by file name (as ImageFolder finds them), without decoding."""
+    """Images per class folder, by file name (as ImageFolder finds them), without decoding;
+    a class folder without images is refused (ImageFolder would fail in every trial)."""
     from torchvision.datasets.folder import IMG_EXTENSIONS
 
     classes = sorted(e.path for e in os.scandir(folder) if e.is_dir())
@@ -458,7 +476,28 @@ def _count_images(folder: Path) -> list[int]:
     for path in classes:
         files = (f for _, _, names in os.walk(path, followlinks=True) for f in names)
         counts.append(sum(f.lower().endswith(IMG_EXTENSIONS) for f in files))
+        if counts and not counts[-1] and len(classes) > 1:
+            raise DataError(f"data.root: class folder {path!r} holds no images (allowed: every "
+                            f"class folder holds at least one {', '.join(IMG_EXTENSIONS[:3])}... "
+                            f"file); remove it or add its images")  # fmt: skip
     return counts
+
+
+def resident_bytes(cfg: DataConfig) -> int:
+    """Bytes of images a trial holds in memory (0 for image folders streamed from disk)."""
+    if cfg.name == "digits":
+        return 1797 * (cfg.image_size or 8) ** 2 * 4  # float32
+    if cfg.name == "synthetic":
+        return cfg.num_samples * cfg.channels * (cfg.image_size or 16) ** 2 * 4
+    if cfg.name in KNOWN_SIZES:
+        train, val, _, chans, native = KNOWN_SIZES[cfg.name]
+        return (train + val) * chans * (cfg.image_size or native) ** 2  # uint8
+    if cfg.name != "imagefolder" or cfg.root is None or not Path(cfg.root).is_dir():
+        return 0
+    found = _imagefolder_sizes(cfg)
+    total = found.train_images + found.val_images
+    streamed = cfg.stream == "always" or (cfg.stream == "auto" and total > TENSOR_LIMIT)
+    return 0 if streamed else total * 3 * found.image_size**2  # uint8
 
 
 def _imagefolder_sizes(cfg: DataConfig) -> DataSizes:
@@ -483,6 +522,9 @@ def sizes(cfg: DataConfig) -> DataSizes:
         return DataSizes(train, val, classes, chans, cfg.image_size or native)
     if cfg.name == "imagefolder":
         return _imagefolder_sizes(cfg)
+    if cfg.name == "synthetic" and resident_bytes(cfg) > EXACT_SIZES_BYTES:  # not loaded
+        train, val = split_sizes([cfg.num_samples], cfg.val_fraction)
+        return DataSizes(train, val, cfg.num_classes, cfg.channels, cfg.image_size or 16)
     bundle = load(cfg, num_workers=0)  # digits and synthetic: small, in memory, exact
     return DataSizes(len(bundle.train), len(bundle.val), bundle.num_classes, bundle.in_chans,
                      bundle.image_size)  # fmt: skip

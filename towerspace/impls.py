@@ -197,12 +197,11 @@ class Chooser:
 
     def _save(self) -> None:
         """Write the file atomically, keeping choices other processes saved meanwhile."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        from towerspace.files import write_text
+
         choices = {**self._read(), **self.choices}
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"version": CACHE_VERSION, "choices": choices}, indent=1,
-                                  sort_keys=True))  # fmt: skip
-        os.replace(tmp, self.path)
+        write_text(self.path, json.dumps({"version": CACHE_VERSION, "choices": choices},
+                                         indent=1, sort_keys=True))  # fmt: skip
 
 
 _DEFAULT: list[Chooser] = []  # created on first use, so importing towerspace measures nothing

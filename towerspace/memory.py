@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import math
+import os
 import resource
 import sys
 from pathlib import Path
@@ -62,3 +63,31 @@ def _status_kb(field: str) -> int:
     lines = PROC_STATUS.read_text().splitlines()
     values = dict(line.split(":", 1) for line in lines if ":" in line)
     return int(values[field].split()[0])
+
+
+def machine_bytes() -> int | None:
+    """This machine's memory, or its cgroup's limit when lower (None where unknown)."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (OSError, ValueError):
+        return None
+    with contextlib.suppress(OSError, ValueError):
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            total = min(total, int(limit))
+    return total
+
+
+def gpu_bytes() -> int | None:
+    """The first visible GPU's memory (None without CUDA)."""
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_properties(0).total_memory
+
+
+def words(num_bytes: float) -> str:
+    """A size in words: '512 MiB', '23.4 GiB', '72.0 TiB'."""
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20)):
+        if num_bytes >= scale:
+            return f"{num_bytes / scale:.1f} {unit}"
+    return f"{num_bytes / 2**10:.0f} KiB"

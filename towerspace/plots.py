@@ -10,7 +10,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import ScalarFormatter
 
-from towerspace import analysis
+from towerspace import analysis, files
 
 # Okabe-Ito: distinguishable with the common colour-vision deficiencies
 COLORS = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000")
@@ -285,10 +285,12 @@ def speed(
     return fig
 
 
-def save(fig: Figure, stem: Path, formats: Sequence[str] = ("png", "svg")) -> list[Path]:
-    """Write a figure as stem.png and stem.svg (by default); return the paths."""
-    stem.parent.mkdir(parents=True, exist_ok=True)
+def save(
+    fig: Figure, stem: Path, formats: Sequence[str] = ("png", "svg"), root: Path | None = None
+) -> list[Path]:
+    """Write a figure as stem.png and stem.svg (by default), each whole (a temporary file
+    renamed) and, with root, never through a link; return the paths."""
     paths = [stem.with_suffix(f".{fmt}") for fmt in formats]
-    for path in paths:
-        fig.savefig(path, dpi=150)
+    for path, fmt in zip(paths, formats, strict=True):
+        files.write_atomic(path, lambda tmp, f=fmt: fig.savefig(tmp, dpi=150, format=f), root=root)
     return paths

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from towerspace import analysis, plots, results
+from towerspace import analysis, files, plots, results
+from towerspace.errors import StorageError
 
 PLOTS = "plots"
 
@@ -22,12 +23,23 @@ class Report:
     warnings: list[str]  # damaged records, trials left out
 
 
-def write_report(sweep_dir: Path) -> Report:
-    """Rebuild the tables of a sweep directory and draw its figures into sweep_dir/plots/."""
+def write_report(sweep_dir: Path, out: Path | None = None) -> Report:
+    """Rebuild the tables of a sweep directory and draw its figures into <folder>/plots/, where
+    folder is out if given (nothing is then written in the sweep directory), else sweep_dir."""
     sweep_dir = Path(sweep_dir)
+    folder = Path(out) if out is not None else sweep_dir
+    if not files.writable(folder) or (
+        (folder / PLOTS).is_dir() and not files.writable(folder / PLOTS)
+    ):
+        hint = (
+            ""
+            if out is not None
+            else "; pass --out FOLDER to write the tables and figures elsewhere"
+        )
+        raise StorageError(f"{folder}: not writable{hint}")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", results.DamagedRecord)
-        results_path, history_path = results.write_tables(sweep_dir)
+        results_path, history_path = results.write_tables(sweep_dir, out=out)
     notes = [str(w.message) for w in caught if issubclass(w.category, results.DamagedRecord)]
     table, history = pd.read_parquet(results_path), pd.read_parquet(history_path)
     finished = table[table["status"] == "finished"]
@@ -47,5 +59,6 @@ def write_report(sweep_dir: Path) -> Report:
             history[history["trial_id"].isin(finished["trial_id"])], results=table
         ),
     }
-    paths = [p for name, fig in figures.items() for p in plots.save(fig, sweep_dir / PLOTS / name)]
+    paths = [p for name, fig in figures.items()
+             for p in plots.save(fig, folder / PLOTS / name, root=folder)]  # fmt: skip
     return Report(paths, analysis.summarize(table), notes)

@@ -64,10 +64,11 @@ def paper_imagenet(**changes: Any) -> TrainConfig:
 
 
 class Diverged(RuntimeError):
-    """The training loss became NaN or infinite."""
+    """The training loss, or a validation metric, became NaN or infinite."""
 
-    def __init__(self, epoch: int, step: int, loss: float) -> None:
-        super().__init__(f"loss is {loss} at epoch {epoch}, step {step}")
+    def __init__(self, epoch: int, step: int | None, loss: float, what: str = "loss") -> None:
+        where = f"epoch {epoch}, step {step}" if step is not None else f"epoch {epoch}"
+        super().__init__(f"{what} is {loss} at {where}")
         self.epoch, self.step = epoch, step
 
 
@@ -260,7 +261,11 @@ class Trainer:
             start = time.perf_counter()
             train_loss, seen = self.train_epoch()
             train_time = time.perf_counter() - start
-            metrics = {"epoch": self.epoch + 1, "train_loss": train_loss, **self.evaluate(),
+            scores = self.evaluate()
+            for name, value in scores.items():  # blown-up weights after the last finite loss
+                if not math.isfinite(value):
+                    raise Diverged(self.epoch + 1, None, value, what=name)
+            metrics = {"epoch": self.epoch + 1, "train_loss": train_loss, **scores,
                        "lr": self.optimizer.param_groups[0]["lr"],
                        "epoch_time_s": time.perf_counter() - start,
                        "train_images_per_s": seen / max(train_time, 1e-9),

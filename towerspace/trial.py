@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import subprocess
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch
 
 import towerspace
 from towerspace import data as datasets
-from towerspace.config import ExperimentConfig, to_dict
+from towerspace.config import ExperimentConfig, apply, to_dict
 from towerspace.models import build_model, complexity
 from towerspace.results import read_record, write_json
 from towerspace.towers import TowerSpec, realized_towers
@@ -51,6 +52,43 @@ def tower_label(cfg: ExperimentConfig) -> str:
         parts = ", ".join(f"{k}={TowerSpec.parse(v).label()}" for k, v in model.overrides.items())
         label = f"{label} [{parts}]"
     return label
+
+
+def one_line(err: BaseException) -> str:
+    """An exception as one line: its type and message (the last line of a message that
+    carries a traceback, as DataLoader workers' do)."""
+    name = type(err).__name__
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    last = lines[-1] if lines else ""
+    # a traceback's last line repeats the type: 'towerspace.errors.DataError: <message>'
+    last = re.sub(rf"^(?:[\w.]+\.)?{re.escape(name)}: ", "", last)
+    return f"{name}: {last}".rstrip(": ")
+
+
+def failed_record(
+    cfg: ExperimentConfig,
+    *,
+    seed: int,
+    trial_id: str,
+    point: Mapping[str, Any],
+    origin: Mapping[str, Any],
+    err: BaseException | None,
+) -> dict[str, Any]:
+    """The record of a trial that failed before it had one (data, model or device setup)."""
+    try:
+        trial_cfg = apply(cfg, point)
+        towers = tower_label(trial_cfg)
+    except ValueError:
+        trial_cfg, towers = cfg, str(point.get("model.towers", "?"))
+    return {
+        "experiment": cfg.name, "trial_id": trial_id, "status": "error", "seed": seed,
+        "point": dict(point), "towers": towers, "order": trial_cfg.model.order,
+        "mid": trial_cfg.model.mid, "match": trial_cfg.model.match,
+        "width": trial_cfg.model.width, "data": trial_cfg.data.name,
+        "epochs_planned": trial_cfg.train.epochs, "epochs_run": 0,
+        "error": one_line(err) if err is not None else None, "resumed_at": [],
+        "config": to_dict(trial_cfg), **origin, "history": [],
+    }  # fmt: skip
 
 
 def _targets(point: Mapping[str, Any], trial_point: Mapping[str, Any], seed: int) -> bool:
@@ -158,7 +196,7 @@ class Trial:
             self.finish("diverged", str(err))
             return
         except Exception as err:
-            self.finish("error", f"{type(err).__name__}: {err}")
+            self.finish("error", one_line(err))
             raise
         self.finish("finished")
 

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import importlib.util
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
 from torch import nn
 from torchvision import models as tv
 
+from towerspace.errors import ConfigError
 from towerspace.models.towerize import towerize
 from towerspace.models.xception import schedule_divisor
 from towerspace.towers import TowerSchedule
@@ -90,22 +93,70 @@ def custom_builder(
     spec: str, *, in_chans: int, num_classes: int, image_size: int
 ) -> Callable[[float], nn.Module]:
     """`width -> model` from a user's 'file.py:function' taking in_chans, num_classes, image_size
-    and width as keyword arguments."""
+    and width as keyword arguments. What the user's code raises is a ConfigError naming the
+    file and line."""
     path, name = split_builder(spec)
     if not path.is_file():
-        raise ValueError(f"builder {spec!r}: no such file {path}")
+        raise ConfigError(f"model.builder: {spec!r}: no such file {path}")
     loader = importlib.util.spec_from_file_location(f"towerspace_builder_{path.stem}", path)
     module = importlib.util.module_from_spec(loader)
-    loader.loader.exec_module(module)  # the user's file, run on purpose: it defines the model
+    try:
+        loader.loader.exec_module(module)  # the user's file, run on purpose: it defines the model
+    except (MemoryError, torch.cuda.OutOfMemoryError):
+        raise
+    except Exception as err:
+        when = ("the builder file does not parse" if _syntax_error_in(path, err)
+                else "raised while importing the builder")  # fmt: skip
+        raise ConfigError(f"model.builder: {_raised_in(path, err)} ({when})") from err
     function = getattr(module, name, None)
     if not callable(function):
-        raise ValueError(f"builder {spec!r}: {path} has no function {name!r}")
+        raise ConfigError(f"model.builder: {spec!r}: {path} has no function {name!r}")
 
     def build(width: float) -> nn.Module:
-        return function(in_chans=in_chans, num_classes=num_classes, image_size=image_size,
-                        width=width)  # fmt: skip
+        try:
+            model = function(in_chans=in_chans, num_classes=num_classes, image_size=image_size,
+                             width=width)  # fmt: skip
+        except (MemoryError, torch.cuda.OutOfMemoryError):
+            raise  # the machine's limit, not the user's code
+        except Exception as err:
+            raise ConfigError(f"model.builder: {_raised_in(path, err)} (raised by {name}() "
+                              f"while building the model)") from err  # fmt: skip
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"model.builder: {spec!r}: {name}() returned a "
+                              f"{type(model).__name__}, not an nn.Module")  # fmt: skip
+        return model
 
     return build
+
+
+def syntax_problem(path: Path) -> str | None:
+    """Why a builder file does not parse ('file.py:3: SyntaxError: ...'), or None if it does."""
+    try:
+        compile(path.read_bytes(), str(path), "exec", dont_inherit=True)
+    except (SyntaxError, ValueError) as err:  # ValueError: null bytes (Python < 3.12)
+        return f"{_raised_in(path, err)} (the builder file does not parse)"
+    return None
+
+
+def _raised_in(path: Path, err: BaseException) -> str:
+    """'file.py:12: ZeroDivisionError: division by zero', at the innermost line of the user's
+    file that the error passed through (for a syntax error in it, the line that does not parse)."""
+    line = None
+    if _syntax_error_in(path, err):
+        line = err.lineno
+    else:
+        for frame, lineno in traceback.walk_tb(err.__traceback__):
+            if Path(frame.f_code.co_filename).resolve() == path.resolve():
+                line = lineno
+    text = (err.msg if isinstance(err, SyntaxError) else str(err)).strip()
+    problem = f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+    return f"{path}:{line}: {problem}" if line else f"{path}: {problem}"
+
+
+def _syntax_error_in(path: Path, err: BaseException) -> bool:
+    """Whether err is a syntax error in path itself (not in a module it imports)."""
+    filename = getattr(err, "filename", None) if isinstance(err, SyntaxError) else None
+    return filename is not None and Path(filename).resolve() == path.resolve()
 
 
 def build_towerized(
