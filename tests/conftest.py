@@ -1,5 +1,7 @@
 """Shared fixtures: one real local Ray, and one real tiny sweep, for the whole session."""
 
+import contextlib
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -29,3 +31,24 @@ def tiny_sweep(local_ray, tmp_path_factory):
             "space.params={model.towers: {grid: [1, 4, depthwise]}}")  # fmt: skip
     cfg = config.load_experiment(REPO / "experiments/digits_continuum.yaml", sets)
     return run_sweep(cfg, storage=tmp_path_factory.mktemp("runs"))
+
+
+@contextlib.contextmanager
+def _mounted(mount: Path, size: str):
+    """A tmpfs of its own at mount (a full or read-only disk to test on); skips the test where
+    mounting is not permitted (it needs root and mount permission)."""
+    mount.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)],
+                          capture_output=True, text=True, check=False)  # fmt: skip
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.fixture
+def tmpfs():
+    """Mount a tmpfs: `with tmpfs(folder, "16m") as mount:` (the test skips where not allowed)."""
+    return _mounted

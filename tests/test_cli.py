@@ -56,6 +56,7 @@ def test_bad_input_is_one_line_and_exit_code_2(args, message, capsys):
     assert capsys.readouterr().err.strip() == message
 
 
+@pytest.mark.slow  # a real process
 def test_a_real_process_exits_2_without_a_traceback():
     result = _run("models", "--towers", "3x")
     assert result.returncode == 2

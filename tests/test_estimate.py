@@ -204,6 +204,7 @@ def test_above_the_threshold_a_terminal_is_asked(capsys):
     _confirm_cost(cfg, None, 0.0, yes=True, stdin=io.StringIO())  # --yes: no question
 
 
+@pytest.mark.slow  # a real process
 def test_sweep_refuses_without_a_terminal_above_the_threshold(tmp_path):
     rates = tmp_path / "slow.csv"
     rates.write_text("towers,images_per_s\n1,0.001\ndepthwise,0.001\n")

@@ -50,6 +50,7 @@ def _worker(rank: int, world_size: int, init: str, path: str) -> None:
         torch.save(out, path)
 
 
+@pytest.mark.slow  # a real process
 def test_two_gloo_workers_train_as_one_worker_on_the_global_batch(tmp_path):
     single: dict = {}
     _train(0, 1, "", single)

@@ -104,6 +104,7 @@ def _holder(folder: Path) -> subprocess.Popen:
     return proc
 
 
+@pytest.mark.slow  # a real process
 def test_a_locked_folder_names_its_driver_and_a_sigkill_releases_it(tmp_path):
     folder = tmp_path / "sweep"
     proc = _holder(folder)
@@ -125,6 +126,7 @@ def test_a_locked_folder_names_its_driver_and_a_sigkill_releases_it(tmp_path):
         assert storage.holder(folder) is not None  # readers see it without blocking
 
 
+@pytest.mark.slow  # a real process
 def test_a_sweep_on_a_locked_folder_is_refused_before_anything_starts(tmp_path, capsys):
     folder = tmp_path / "digits_continuum"
     proc = _holder(folder)

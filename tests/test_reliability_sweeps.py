@@ -153,16 +153,10 @@ def test_ctrl_c_twice_stops_at_once_and_exits_non_zero(tmp_path):
 
 
 @pytest.fixture
-def small_disk(tmp_path):
-    """A 96 MiB tmpfs of its own (needs root and mount permission)."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96m", "tmpfs", str(mount)],
-                          capture_output=True, text=True, check=False)  # fmt: skip
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
+def small_disk(tmp_path, tmpfs):
+    """A 96 MiB disk of its own."""
+    with tmpfs(tmp_path / "disk", "96m") as mount:
+        yield mount
 
 
 def _fill(disk: Path, leave: int) -> Path:

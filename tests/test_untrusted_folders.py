@@ -132,20 +132,12 @@ def test_a_damaged_results_table_is_rebuilt_from_the_records(received, damage):
 
 
 @pytest.fixture
-def read_only(received, tmp_path):
+def read_only(received, tmp_path, tmpfs):
     """The received sweep on a read-only file system (root ignores permission bits)."""
-    mount = tmp_path / "ro"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)],
-                          capture_output=True, text=True, check=False)  # fmt: skip
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
+    with tmpfs(tmp_path / "ro", "16m") as mount:
         shutil.copytree(received, mount / "sweep", symlinks=True)
         subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
         yield mount / "sweep"
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def test_a_read_only_folder_is_refused_in_one_line_or_plotted_elsewhere(

@@ -8,13 +8,12 @@ from typing import Literal
 import torch
 from torch import nn
 
+from towerspace.choices import MIDS, ORDERS
 from towerspace.errors import TowerSpecError
 from towerspace.impls import IMPLS, default_chooser, expand_grouped
 
 Order = Literal["spatial_first", "pointwise_first"]
 Mid = Literal["none", "relu", "elu", "bn", "bn_relu"]
-ORDERS: tuple[str, ...] = ("spatial_first", "pointwise_first")
-MIDS: tuple[str, ...] = ("none", "relu", "elu", "bn", "bn_relu")
 IMPL_NAMES: tuple[str, ...] = (*IMPLS, "auto")
 
 

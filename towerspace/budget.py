@@ -6,8 +6,6 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-MATCHES = ("none", "params", "flops")
-
 
 @dataclass(frozen=True)
 class Match:

@@ -1,4 +1,5 @@
-"""`towerspace sweep | estimate | plot | profile | blocks | models`: thin, parse and delegate."""
+"""The command line, `towerspace sweep | estimate | plot | profile | blocks | models`: it parses
+and delegates, importing what a command uses when it runs."""
 
 from __future__ import annotations
 
@@ -8,16 +9,13 @@ import sys
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-import pandas as pd
-
-from towerspace import tables
-from towerspace.block import MIDS, ORDERS
-from towerspace.budget import MATCHES
+from towerspace.choices import DEVICES, MATCHES, MIDS, ORDERS, STEMS
 from towerspace.errors import UserError
-from towerspace.models.xception import STEMS
-from towerspace.train import DEVICES, choose_device
+
+if TYPE_CHECKING:  # a command imports what it uses when it runs: --help loads no torch
+    import pandas as pd
 
 CONFIRM_HOURS = 24.0  # a sweep estimated above this many device-hours asks before it starts
 CONFIRM_ENV = "TOWERSPACE_CONFIRM_HOURS"
@@ -49,6 +47,8 @@ def _non_negative_float(text: str) -> float:
 
 
 def _print_table(table: pd.DataFrame, title: str) -> None:
+    import pandas as pd
+
     print(title)
     with pd.option_context("display.width", 160, "display.max_columns", 20):
         print(table.to_string(index=False))
@@ -56,6 +56,8 @@ def _print_table(table: pd.DataFrame, title: str) -> None:
 
 def cmd_blocks(args: argparse.Namespace) -> int:
     """Cost of one layer at every valid tower count."""
+    from towerspace import tables
+
     table = tables.block_table(
         args.channels, args.size, out_channels=args.out_channels, kernel_size=args.kernel_size,
         stride=args.stride, order=args.order, mid=args.mid,
@@ -68,6 +70,8 @@ def cmd_blocks(args: argparse.Namespace) -> int:
 
 def cmd_models(args: argparse.Namespace) -> int:
     """Cost of a whole Xception at each point of a tower list, matched or not."""
+    from towerspace import tables
+
     points = tables.parse_points(args.towers)
     table = tables.model_table(
         points, size=args.size, match=args.match, width=args.width, stem=args.stem,
@@ -117,6 +121,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def _print_failures(results_path: Path) -> None:
     """One line per trial that failed: its point, seed and error."""
+    import pandas as pd
+
     table = pd.read_parquet(results_path)
     failed = table[table["status"].isin(["error", "diverged"])]
     for row in failed.itertuples(index=False):
@@ -202,7 +208,10 @@ def _check_device(device: str) -> None:
 
 
 def _print_estimate(table: pd.DataFrame, cfg, sizes, args: argparse.Namespace) -> None:
+    import pandas as pd
+
     from towerspace import estimate
+    from towerspace.train import choose_device
 
     res, space, train = cfg.resources, cfg.space, cfg.train
     seeds = f"{len(cfg.seeds)} seed{'s' if len(cfg.seeds) > 1 else ''}"
@@ -317,7 +326,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 def _profile_model(args: argparse.Namespace) -> int:
     import torch
 
-    from towerspace import plots, profile
+    from towerspace import plots, profile, tables
 
     points = tables.parse_points(args.towers or "1,2,4,8,16,depthwise")
     impl = (args.impls or "native").split(",")[0]
@@ -348,7 +357,9 @@ def _write_table(table: pd.DataFrame, roofs: dict[str, float], out: Path) -> Pat
 
 def build_parser() -> argparse.ArgumentParser:
     """The towerspace command line."""
-    parser = _Parser(prog="towerspace", description=__doc__)
+    parser = _Parser(prog="towerspace", description="Sweep a convolution's tower count from a "
+                     "regular convolution to a depthwise separable one, and measure what happens "
+                     "in between.")  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     sweep = sub.add_parser("sweep", help="run an experiment's tower sweep on Ray Tune")

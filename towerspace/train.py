@@ -16,13 +16,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from towerspace import memory
+from towerspace.choices import DEVICES
 from towerspace.data import DataBundle
 from towerspace.errors import ConfigError
 from towerspace.parallel import synchronise_batchnorm
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "onecycle", "step", "exponential", "constant")
-DEVICES = ("auto", "cpu", "cuda")
 AMPS = ("auto", "bf16", "none")
 SWITCHES = ("auto", "on", "off")
 

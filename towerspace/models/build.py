@@ -7,12 +7,12 @@ from typing import Any
 
 from torch import nn
 
-from towerspace.block import IMPL_NAMES, MIDS, ORDERS
-from towerspace.budget import MATCHES
+from towerspace.block import IMPL_NAMES
+from towerspace.choices import MATCHES, MIDS, ORDERS, STEMS
 from towerspace.errors import ConfigError
 from towerspace.models.builders import TORCHVISION, build_towerized
 from towerspace.models.pretrained import load_pretrained
-from towerspace.models.xception import STEMS, xception
+from towerspace.models.xception import xception
 from towerspace.towers import SNAPS
 
 MODEL_NAMES = ("xception", *TORCHVISION, "custom")  # custom: model.builder

@@ -6,28 +6,42 @@ import copy
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 import torch
 from torch import nn
 from torch.func import functional_call
 from torch.utils.flop_counter import FlopCounterMode
-from torchvision.ops import SqueezeExcitation
 
 from towerspace.block import Complexity, TowerConv2d, regroup_weight
-from towerspace.budget import MATCHES, Match
+from towerspace.budget import Match
+from towerspace.choices import MATCHES
 from towerspace.errors import ConfigError
 from towerspace.models.xception import Xception
 from towerspace.towers import TowerSchedule, TowerSpecLike
 
+if TYPE_CHECKING:
+    import pandas as pd
+
 # Modules that keep the channel count and mix no channels spatially: a depthwise or grouped conv
 # followed by these and a 1×1 conv is a separable pair, whatever the network calls it.
 PRESERVING = (
-    nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.Hardswish, nn.SiLU, nn.GELU, nn.LeakyReLU, nn.ELU,
-    nn.Mish, nn.Sigmoid, nn.Hardsigmoid, nn.Tanh, nn.Identity, nn.Dropout, nn.Dropout2d,
-    SqueezeExcitation,
-)  # fmt: skip
+    nn.BatchNorm2d,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.Hardswish,
+    nn.SiLU,
+    nn.GELU,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.Mish,
+    nn.Sigmoid,
+    nn.Hardsigmoid,
+    nn.Tanh,
+    nn.Identity,
+    nn.Dropout,
+    nn.Dropout2d,
+)  # fmt: skip (and torchvision's SqueezeExcitation)
 COLUMNS = (
     "layer", "kind", "conv", "in_channels", "out_channels", "spatial_channels", "towers",
     "group_width", "exact", "absorbed", "reason",
@@ -137,6 +151,8 @@ def towerize_in_place(
             _set_module(model, path, nn.Identity())  # the block computes them now
         site.reason = reason
         rows.append(_row(site, block, exact))
+    import pandas as pd  # the report only: importing the module loads no pandas
+
     report = pd.DataFrame(rows, columns=list(COLUMNS))
     ints = ["spatial_channels", "towers", "group_width"]
     return model, report.astype(dict.fromkeys(ints, "Int64") | {"exact": "boolean"})
@@ -238,6 +254,8 @@ def _is_pointwise(module: nn.Module, channels: int) -> bool:
 
 
 def _preserves(module: nn.Module, channels: int) -> bool:
+    from torchvision.ops import SqueezeExcitation  # torchvision loads when a model is towerized
+
     if isinstance(module, nn.BatchNorm2d):
         return module.num_features == channels
     if isinstance(module, SqueezeExcitation):

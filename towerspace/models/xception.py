@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from towerspace.block import Complexity, TowerConv2d, tower_complexity
-from towerspace.budget import MATCHES, Match, match_channels, round_channels
+from towerspace.budget import Match, match_channels, round_channels
+from towerspace.choices import MATCHES, STEMS
 from towerspace.errors import ConfigError
 from towerspace.towers import TowerSchedule, TowerSpecLike
 
@@ -29,10 +30,6 @@ ENTRY = (
 MIDDLE = ("c728", "c728", "c728")  # one middle-flow block; the paper repeats it 8 times
 EXIT = (("exit", "block13", ("c728", "c1024"), True),)
 HEAD = ("c1536", "c2048")  # exit.block14: separable convs, each followed by BatchNorm and ReLU
-STEMS = (
-    "imagenet",
-    "small",
-)  # imagenet: two unpadded 3×3 convs, the first strided; small: padded, stride 1
 BN_EPS = 1e-3  # Keras' BatchNormalization epsilon
 
 

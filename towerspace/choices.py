@@ -1,0 +1,9 @@
+"""The allowed values of the block's, models' and trainer's string options (no torch: the
+command line builds its help from them)."""
+
+ORDERS: tuple[str, ...] = ("spatial_first", "pointwise_first")  # which conv comes first
+MIDS: tuple[str, ...] = ("none", "relu", "elu", "bn", "bn_relu")  # between the two convs
+MATCHES: tuple[str, ...] = ("none", "params", "flops")  # what budget matching holds equal
+# imagenet: two unpadded 3×3 convs, the first strided; small: padded, stride 1
+STEMS: tuple[str, ...] = ("imagenet", "small")
+DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")  # auto: CUDA where there is one
