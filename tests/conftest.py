@@ -1,7 +1,9 @@
 """Shared fixtures: one real local Ray, and one real tiny sweep, for the whole session."""
 
 import contextlib
+import shutil
 import subprocess
+import warnings
 from pathlib import Path
 
 import pytest
@@ -52,3 +54,26 @@ def _mounted(mount: Path, size: str):
 def tmpfs():
     """Mount a tmpfs: `with tmpfs(folder, "16m") as mount:` (the test skips where not allowed)."""
     return _mounted
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    """A project folder with the real search spaces and an experiments/ folder, as the cwd."""
+    shutil.copytree(REPO / "search_spaces", tmp_path / "search_spaces")
+    (tmp_path / "experiments").mkdir()
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def _records_now(sweep_dir: Path) -> list[dict]:
+    from towerspace import results
+
+    with warnings.catch_warnings():  # trials that started but have written no record yet
+        warnings.simplefilter("ignore", results.DamagedRecord)
+        return results.read_records(sweep_dir)
+
+
+@pytest.fixture
+def records_now():
+    """Read a running sweep's records as they are now (each is written whole, by a rename)."""
+    return _records_now

@@ -1,6 +1,5 @@
 """A sweep on a real two-node Ray cluster (`ray start` head and worker), losing the worker."""
 
-import json
 import os
 import shutil
 import signal
@@ -70,17 +69,9 @@ def _kill_worker_node(worker_port: int) -> int:
     return len(doomed)
 
 
-def _records(sweep_dir: Path) -> list[dict]:
-    found = []
-    for path in (sweep_dir / "records").glob("*.json"):
-        try:
-            found.append(json.loads(path.read_text()))
-        except ValueError:
-            continue  # being written
-    return found
-
-
-def test_a_sweep_on_a_two_node_cluster_survives_losing_the_worker_node(cluster, tmp_path):
+def test_a_sweep_on_a_two_node_cluster_survives_losing_the_worker_node(
+    cluster, tmp_path, records_now
+):
     argv = [sys.executable, "-m", "towerspace.cli", "sweep",
             str(REPO / "experiments/digits_continuum.yaml"), "--address", cluster["address"],
             "--storage", str(tmp_path), *[f"--set={s}" for s in SETS]]  # fmt: skip
@@ -89,7 +80,7 @@ def test_a_sweep_on_a_two_node_cluster_survives_losing_the_worker_node(cluster, 
         sweep = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=cluster["env"])
         deadline = time.monotonic() + 180
         while True:  # both trials under way, one on each node
-            records = _records(tmp_path / "digits_continuum")
+            records = records_now(tmp_path / "digits_continuum")
             running = [r for r in records if r["status"] == "running" and r["epochs_run"] >= 1]
             if len(running) == 2 and all(r["epochs_run"] < EPOCHS - 1 for r in running):
                 break
@@ -102,7 +93,7 @@ def test_a_sweep_on_a_two_node_cluster_survives_losing_the_worker_node(cluster, 
     assert (table["epochs_run"] == EPOCHS).all()
     history = results.load_history(tmp_path / "digits_continuum" / "history.parquet")
     assert sorted(history.groupby("trial_id")["epoch"].apply(list)) == [[*range(1, EPOCHS + 1)]] * 2
-    resumed = sorted(len(r["resumed_at"]) for r in _records(tmp_path / "digits_continuum"))
+    resumed = sorted(len(r["resumed_at"]) for r in records_now(tmp_path / "digits_continuum"))
     assert resumed == [0, 1]  # the lost trial continued from its checkpoint, once; no re-run
-    (lost,) = [r for r in _records(tmp_path / "digits_continuum") if r["resumed_at"]]
+    (lost,) = [r for r in records_now(tmp_path / "digits_continuum") if r["resumed_at"]]
     assert lost["resumed_at"][0] >= 1

@@ -1,7 +1,6 @@
 """Experiment and search-space files: every shipped file validates; mistakes get one exact line."""
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -28,15 +27,6 @@ seeds: [0]
 train: {epochs: 1}
 """
 TOWERS = "towers must be an int >= 1, 'regular' or 'depthwise', got"
-
-
-@pytest.fixture
-def project(tmp_path, monkeypatch):
-    """A project folder with the real search spaces and an experiments/ folder, as the cwd."""
-    shutil.copytree(REPO / "search_spaces", tmp_path / "search_spaces")
-    (tmp_path / "experiments").mkdir()
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
 
 
 def _write(project, text, name="x"):

@@ -1,6 +1,5 @@
 """What a user can put in a file or --set that must be refused in one line, and quickly."""
 
-import shutil
 import time
 from pathlib import Path
 
@@ -21,15 +20,6 @@ train: {epochs: 1}
 NAME_RULE = ("a sweep name is one folder name: letters, digits, '_', '-' and '.', not starting "
              "with '.' or '-' (at most 100 characters)")  # fmt: skip
 HANG = 2.0  # seconds: generous, only to tell a refusal from a hang
-
-
-@pytest.fixture
-def project(tmp_path, monkeypatch):
-    """A project folder with the real search spaces and an experiments/ folder, as the cwd."""
-    shutil.copytree(REPO / "search_spaces", tmp_path / "search_spaces")
-    (tmp_path / "experiments").mkdir()
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
 
 
 def _write(project: Path, text: str, name: str = "x") -> Path:

@@ -1,7 +1,6 @@
 """Reliability of real sweeps, with real processes, signals and a real full disk: one driver per
 folder, failures as results, Ctrl-C twice, ENOSPC mid-sweep and a resume that loses nothing."""
 
-import json
 import os
 import shutil
 import signal
@@ -35,16 +34,6 @@ def _log(storage_dir: Path, log: str = "log") -> str:
     return (storage_dir.parent / f"{log}.txt").read_text()
 
 
-def _records(sweep_dir: Path) -> list[dict]:
-    found = []
-    for path in (sweep_dir / "records").glob("*.json"):
-        try:
-            found.append(json.loads(path.read_text()))
-        except ValueError:
-            continue  # being written
-    return found
-
-
 def _wait_for(condition, proc: subprocess.Popen, timeout: float = 180.0, what: str = "") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -55,7 +44,9 @@ def _wait_for(condition, proc: subprocess.Popen, timeout: float = 180.0, what: s
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_two_drivers_on_one_folder_one_is_refused_and_the_results_stay_whole(tmp_path, capsys):
+def test_two_drivers_on_one_folder_one_is_refused_and_the_results_stay_whole(
+    tmp_path, capsys, records_now
+):
     runs = tmp_path / "runs"
     runs.mkdir()
     sweep_dir = runs / "digits_continuum"
@@ -64,7 +55,7 @@ def test_two_drivers_on_one_folder_one_is_refused_and_the_results_stay_whole(tmp
     second = _sweep(runs, log="second")
     procs = {"first": first, "second": second}
     try:
-        _wait_for(lambda: any(r["epochs_run"] >= 1 for r in _records(sweep_dir)), first,
+        _wait_for(lambda: any(r["epochs_run"] >= 1 for r in records_now(sweep_dir)), first,
                   what="a trial's first epoch")  # fmt: skip
         running = storage.holder(sweep_dir)["pid"]
         for extra in ("--resume", "--restart"):  # while it runs: refused, nothing touched
@@ -137,13 +128,13 @@ def test_a_corrupt_image_found_mid_epoch_ends_that_trial_naming_the_file(tmp_pat
     capsys.readouterr()
 
 
-def test_ctrl_c_twice_stops_at_once_and_exits_non_zero(tmp_path):
+def test_ctrl_c_twice_stops_at_once_and_exits_non_zero(tmp_path, records_now):
     """(Ctrl-C once: tests/test_resume.py, exit code 130 and a resume that loses nothing.)"""
     runs = tmp_path / "runs"
     runs.mkdir()
     sweep_dir = runs / "digits_continuum"
     proc = _sweep(runs)
-    _wait_for(lambda: any(r["epochs_run"] >= 1 for r in _records(sweep_dir)), proc,
+    _wait_for(lambda: any(r["epochs_run"] >= 1 for r in records_now(sweep_dir)), proc,
               what="a trial's first epoch")  # fmt: skip
     for _ in range(2):
         os.kill(proc.pid, signal.SIGINT)
@@ -186,7 +177,7 @@ def test_a_disk_full_from_the_start_is_one_line_and_leaves_nothing(small_disk, c
     assert sorted(p.name for p in small_disk.iterdir()) == ["filler.bin"]
 
 
-def test_a_disk_that_fills_mid_sweep_stops_it_and_resume_loses_nothing(small_disk):
+def test_a_disk_that_fills_mid_sweep_stops_it_and_resume_loses_nothing(small_disk, records_now):
     sets = (*SETS[:-1], "train.epochs=8", "space.params={model.towers: {grid: [1, 2, 4, 8]}}")
     runs = small_disk / "runs"
     filler = _fill(small_disk, leave=6 * 2**20)
@@ -196,7 +187,7 @@ def test_a_disk_that_fills_mid_sweep_stops_it_and_resume_loses_nothing(small_dis
     assert code == 1, log
     assert log.strip().splitlines()[-1].startswith("towerspace: error: ") and "Traceback" not in log
     assert "no space left on device; the sweep stopped" in log
-    records = _records(runs / "digits_continuum")
+    records = records_now(runs / "digits_continuum")
     assert not [r for r in records if r["status"] == "running"]  # none left stuck
     assert _leftovers(runs) == []
     filler.unlink()
