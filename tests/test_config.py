@@ -9,13 +9,13 @@ import pytest
 from towerspace.cli import main
 from towerspace.config import (
     ConfigError,
-    Domain,
     apply,
     from_dict,
     load_experiment,
     load_space,
     to_dict,
 )
+from towerspace.spaces import Domain
 
 REPO = Path(__file__).resolve().parent.parent
 EXPERIMENTS = sorted((REPO / "experiments").glob("*.yaml"))
@@ -114,6 +114,41 @@ def test_apply_takes_dotted_site_prefixes_and_numpy_scalars(project):
         apply(cfg, {"train.epoch": 2})
     assert str(err.value) == "experiments/x.yaml: train.epoch: unknown field; did you mean " \
         "'train.epochs'?"  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("base", "assignments"),
+    [
+        ([], {"model.towers": 4, "train.lr": 0.2}),
+        ([], {"train.epochs": 0}),
+        ([], {"data.image_size": 1, "train.lr": -1}),  # the first field in file order
+        ([], {"scheduler.name": "asha", "scheduler.grace_period": 2}),
+        (["train.epochs=4", "scheduler=asha", "scheduler.grace_period=3"], {"train.epochs": 2}),
+        ([], {"resources.workers": 3}),
+        (["resources.workers=2"], {"train.batch_size": 127}),
+        ([], {"model.name": "resnet18"}),
+        ([], {"model.builder": "x.py:build"}),
+        ([], {"seeds": [1, 1]}),
+        ([], {"data.split_seed": -1}),
+        ([], {"name": "my sweep"}),
+        ([], {"model.overrides.middle": 0}),
+        ([], {"model.reference": "x"}),
+        ([], {"scheduler": "hyperband"}),
+        ([], {"model.towers": {"group_width": -2}}),
+    ],
+)  # fmt: skip
+def test_apply_checks_what_it_sets_as_loading_would(project, base, assignments):
+    path = _write(project, BASE)
+    cfg = load_experiment(path, base)
+    sets = [*base, *(f"{key}={json.dumps(value)}" for key, value in assignments.items())]
+    try:
+        loaded = load_experiment(path, sets)
+    except ConfigError as err:
+        with pytest.raises(ConfigError) as applied:
+            apply(cfg, assignments)
+        assert str(applied.value) == str(err)
+    else:
+        assert apply(cfg, assignments) == loaded
 
 
 BAD_FILES = [

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from towerspace import memory
 from towerspace.config import ConfigError, ExperimentConfig, apply
 from towerspace.data import DataSizes, TensorBatches
 from towerspace.models import build_model, complexity
+from towerspace.spaces import grid_points
 from towerspace.towers import TowerSpec
 from towerspace.train import Trainer, choose_device, seed_everything
 from towerspace.trial import tower_label
@@ -38,14 +38,6 @@ def devices_per_trial(cfg: ExperimentConfig) -> float:
     """GPUs a trial holds (workers × GPUs each), or CPUs for CPU-only trials."""
     res = cfg.resources
     return res.workers * (res.gpus if res.gpus > 0 else res.cpus)
-
-
-def points(cfg: ExperimentConfig) -> list[dict[str, Any]]:
-    """Every grid point of the space (field → value); a sampled space gives its base model."""
-    grid = {k: d.values for k, d in cfg.space.params.items() if d.kind == "grid"}
-    if cfg.space.searcher != "grid" or not grid:
-        return [{}]
-    return [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
 
 
 def trials_per_point(cfg: ExperimentConfig) -> int:
@@ -90,7 +82,7 @@ def cost_table(cfg: ExperimentConfig, sizes: DataSizes) -> pd.DataFrame:
     per_epoch = images_per_epoch(sizes.train_images, cfg.train.batch_size, cfg.train.max_steps)
     images = per_epoch * cfg.train.epochs
     rows = []
-    for point in points(cfg):
+    for point in grid_points(cfg.space):
         point_cfg = apply(cfg, point) if point else cfg
         with torch.device("meta"):  # structure and shapes only: no weights allocated
             model = build_model(point_cfg.model, in_chans=sizes.in_chans,
@@ -179,7 +171,7 @@ def measure_point(cfg: ExperimentConfig, sizes: DataSizes, device: str) -> dict[
 def measure(cfg: ExperimentConfig, sizes: DataSizes, device: str) -> pd.DataFrame:
     """measure_point() at every point of the space, one row per point."""
     rows = []
-    for point in points(cfg):
+    for point in grid_points(cfg.space):
         point_cfg = apply(cfg, point) if point else cfg
         rows.append(measure_point(point_cfg, sizes, device))
     return pd.DataFrame(rows)

@@ -1,0 +1,150 @@
+"""Search spaces: which fields a sweep varies and over what values (search_spaces/*.yaml), and
+the walkers of a space's points that every check, estimate and count uses."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from towerspace.schema import as_float, coerce, did_you_mean, fail, is_int, show
+from towerspace.yamlfile import read_mapping
+
+SEARCHERS = ("grid", "random", "optuna")
+DOMAIN_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
+RANGE_KINDS = ("uniform", "loguniform", "randint")  # values are (low, high); randint: high excluded
+
+
+@dataclass(frozen=True)
+class Domain:
+    """The values a space parameter takes."""
+
+    kind: str  # grid | choice | uniform | loguniform | randint
+    values: tuple[Any, ...]  # grid/choice: the values; uniform/loguniform/randint: (low, high)
+
+
+def parse_domain(data: Any, where: str, path: str) -> Domain:
+    """A domain from its plain form, `{kind: [values]}`, with a range's bounds checked."""
+    kinds = ", ".join(DOMAIN_KINDS)
+    if not isinstance(data, Mapping) or len(data) != 1 or next(iter(data)) not in DOMAIN_KINDS:
+        fail(where, path, f"expected one of {{{kinds}}}: [values], got {show(data)}")
+    ((kind, values),) = data.items()
+    if not isinstance(values, list | tuple) or not values:
+        fail(where, path, f"{kind} needs a non-empty list, got {show(values)}")
+    if kind in RANGE_KINDS:
+        values = _range_bounds(kind, list(values), where, path)
+    for value in values:
+        number = as_float(value)
+        if number is not None and not math.isfinite(number):
+            fail(where, path, f"{kind} values must be finite numbers, got {show(number)}")
+    return Domain(kind, tuple(values))
+
+
+def _range_bounds(kind: str, values: list[Any], where: str, path: str) -> list[Any]:
+    """[low, high] of a uniform / loguniform / randint domain, checked."""
+    if kind == "randint":
+        bounds = [int(v) if is_int(v) else None for v in values]
+        wanted = "integers low < high"
+    else:
+        bounds = [as_float(v) for v in values]
+        wanted = "0 < low < high" if kind == "loguniform" else "low < high"
+    if len(bounds) == 2 and None not in bounds and not all(map(math.isfinite, bounds)):
+        fail(where, path, f"{kind} needs finite bounds [low, high], got {show(values)}")
+    if len(bounds) != 2 or None in bounds or bounds[0] >= bounds[1]:
+        fail(where, path, f"{kind} needs [low, high] with {wanted}, got {show(values)}")
+    if kind == "loguniform" and bounds[0] <= 0:
+        fail(where, path, f"{kind} needs [low, high] with {wanted}, got {show(values)}")
+    return bounds
+
+
+def parse_params(data: Any, where: str, path: str) -> dict[str, Domain]:
+    """A space's params: dotted field → domain."""
+    params = coerce(dict[str, Any], data, where, path)
+    return {key: parse_domain(value, where, f"{path}.{key}") for key, value in params.items()}
+
+
+@dataclass(frozen=True)
+class SpaceConfig:
+    """A search space: which experiment fields vary, and how they are searched."""
+
+    name: str  # the file's stem: search_spaces/<name>.yaml
+    description: str = ""
+    searcher: str = field(default="grid", metadata={"choices": SEARCHERS})  # optuna: TPE
+    num_samples: int = field(default=1, metadata={"min": 1})  # random/optuna: points drawn
+    metric: str = "val_acc"  # what optuna and asha look at
+    mode: str = field(default="max", metadata={"choices": ("max", "min")})
+    # dotted field → domain
+    params: dict[str, Domain] = field(default_factory=dict, metadata={"parse": parse_params})
+
+
+# ---------------------------------------------------------------- points
+
+
+def domain_points(domain: Domain) -> tuple[Any, ...]:
+    """The values of a domain that are checked up front: all of them, or a range's ends."""
+    if domain.kind == "randint":
+        return (domain.values[0], domain.values[1] - 1)  # Ray's randint excludes high
+    return domain.values
+
+
+def param_points(
+    space: SpaceConfig, kinds: Sequence[str] = DOMAIN_KINDS
+) -> Iterator[tuple[str, Any]]:
+    """(field, value) for each parameter of these kinds on its own, in file order: every value
+    its domain_points() give."""
+    for key, domain in space.params.items():
+        if domain.kind in kinds:
+            for value in domain_points(domain):
+                yield key, value
+
+
+def grid_points(space: SpaceConfig) -> list[dict[str, Any]]:
+    """Every point of a grid space (field → value: the grid's product); a sampled space has one
+    point per sample, each drawn from the base config: [{}]."""
+    grid = {k: d.values for k, d in space.params.items() if d.kind == "grid"}
+    if space.searcher != "grid" or not grid:
+        return [{}]
+    return [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
+
+
+# ---------------------------------------------------------------- files
+
+
+def space_dirs(experiment_file: str | Path) -> tuple[Path, ...]:
+    """Where a bare space name is looked up: beside the experiment's folder, then ./."""
+    return (Path(experiment_file).resolve().parent.parent / "search_spaces", Path("search_spaces"))
+
+
+def _relative(path: Path) -> Path:
+    """path relative to the working directory when it lies below it, for shorter messages."""
+    try:
+        return path.resolve().relative_to(Path.cwd())
+    except ValueError:
+        return path
+
+
+def space_file(name: Any, search_dirs: Sequence[Path], where: str) -> Path:
+    """The file a space name (or a path ending in .yaml) refers to."""
+    if not isinstance(name, str):
+        fail(where, "space", f"expected a space name, got {show(name)}")
+    if name.endswith(".yaml"):
+        return Path(name)
+    found = [Path(d) / f"{name}.yaml" for d in search_dirs if (Path(d) / f"{name}.yaml").is_file()]
+    if not found:
+        available = sorted({p.stem for d in map(Path, search_dirs) for p in d.glob("*.yaml")})
+        if not available:
+            looked = ", ".join(str(d) for d in search_dirs)
+            fail(where, "space", f"no search space {name!r} (no .yaml files in: {looked})")
+        hint = did_you_mean(name, available)
+        fail(where, "space", f"no search space {name!r}; {hint}"
+                             f"(available: {', '.join(available)})")  # fmt: skip
+    return _relative(found[0])
+
+
+def read_space(name: Any, search_dirs: Sequence[Path], where: str) -> tuple[dict[str, Any], str]:
+    """The plain mapping of a space (its name filled from the file's stem), and its file."""
+    path = space_file(name, search_dirs, where)
+    return {"name": path.stem, **read_mapping(path)}, str(path)
