@@ -46,10 +46,10 @@ from towerspace.config import (
     to_dict,
 )
 from towerspace.errors import DiskFull, StorageError
+from towerspace.files import write_json
 from towerspace.impls import share_choices
 from towerspace.models import build_model
 from towerspace.models.builders import absolute_builder
-from towerspace.results import write_json
 from towerspace.trial import CHECKPOINT, Trial, failed_record, one_line, provenance
 
 DOMAINS = {
