@@ -11,7 +11,7 @@ from matplotlib.collections import PathCollection
 from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
 
-from towerspace import plots, results
+from towerspace import files, plots, results
 from towerspace.cli import main
 from towerspace.report import write_report
 
@@ -277,7 +277,7 @@ def test_report_of_a_sampled_space(tmp_path):
         history = [{"epoch": 1, "val_acc": row["final_val_acc"] - 0.1},
                    {"epoch": 2, "val_acc": row["final_val_acc"]}]  # fmt: skip
         record = {**row, "realized": realized, "history": history}
-        results.write_json(tmp_path / "records" / f"{row['trial_id']}.json", record)
+        files.write_json(tmp_path / "records" / f"{row['trial_id']}.json", record)
     report = write_report(tmp_path)
     assert len(report.figures) == 14 and all(p.stat().st_size > 5_000 for p in report.figures)
     assert report.warnings == [] and len(report.summary) == 6

@@ -6,7 +6,7 @@ import warnings
 import pandas as pd
 import pytest
 
-from towerspace import results
+from towerspace import files, results
 
 
 def _record(trial_id, towers, seed, acc, status="finished", position=0.0):
@@ -31,9 +31,9 @@ def sweep_dir(tmp_path):
             ("d", "depthwise", 1, 0.75)]  # fmt: skip
     for trial_id, towers, seed, acc in rows:
         pos = 0.0 if towers == "1" else 1.0
-        results.write_json(tmp_path / "records" / f"{trial_id}.json",
-                   _record(trial_id, towers, seed, acc, position=pos))  # fmt: skip
-    results.write_json(tmp_path / "records" / "e.json", _record("e", "1", 2, 0.1, status="error"))
+        files.write_json(tmp_path / "records" / f"{trial_id}.json",
+                         _record(trial_id, towers, seed, acc, position=pos))  # fmt: skip
+    files.write_json(tmp_path / "records" / "e.json", _record("e", "1", 2, 0.1, status="error"))
     return tmp_path
 
 

@@ -103,7 +103,7 @@ def test_matching_the_paper_model_at_one_tower():
 
 def test_complexity_formula_without_building():
     model = xception(**TINY, towers=4)
-    cost = xception_complexity(model.channels, model.schedule, 16, **model.arch)
+    cost = xception_complexity(model.channels, model.schedule, 16, model.arch)
     assert cost == model.complexity(16)
 
 

@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,9 @@ from torch.utils.data.distributed import DistributedSampler
 
 from towerspace.errors import DataError
 from towerspace.parallel import shard
+
+if TYPE_CHECKING:
+    from torchvision.transforms.v2 import Compose
 
 NAMES = ("digits", "mnist", "cifar10", "cifar100", "imagefolder", "synthetic")
 AUGMENTS = ("auto", "none", "crop", "crop_flip")
@@ -369,14 +373,11 @@ def _torchvision(cfg: DataConfig, num_workers: int, device: torch.device) -> Dat
 
 def _imagefolder(cfg: DataConfig, num_workers: int, device: torch.device) -> DataBundle:
     import torchvision
-    from torchvision.transforms import v2
 
     root = _root(cfg)
     if cfg.image_size is None:
         raise DataError("data.image_size: imagefolder needs an image size (e.g. 224 or 299)")
-    size = cfg.image_size
-    val_tf = v2.Compose([v2.ToImage(), v2.Resize(round(size / CROP_FRACTION)),
-                         v2.CenterCrop(size), v2.ToDtype(torch.uint8, scale=True)])  # fmt: skip
+    val_tf = val_transform(cfg.image_size)
     split_dirs = (root / "train", root / "val")
     try:
         if all(d.is_dir() for d in split_dirs):
@@ -418,16 +419,22 @@ def _decode_all(dataset, num_workers: int) -> tuple[Tensor, Tensor]:
 
 
 def stream_transforms(size: int) -> tuple:
-    """(train, val) transforms to uint8: Inception-style random-resized crop and flip; resize
-    and centre crop (CROP_FRACTION). Normalisation happens on the device (LoaderBatches)."""
+    """(train, val) transforms to uint8: Inception-style random-resized crop and flip; the
+    validation crop. Normalisation happens on the device (LoaderBatches)."""
     from torchvision.transforms import v2
 
-    to_uint8 = v2.ToDtype(torch.uint8, scale=True)
     train = v2.Compose([v2.ToImage(), v2.RandomResizedCrop(size, antialias=True),
-                        v2.RandomHorizontalFlip(), to_uint8])  # fmt: skip
-    val = v2.Compose([v2.ToImage(), v2.Resize(round(size / CROP_FRACTION), antialias=True),
-                      v2.CenterCrop(size), to_uint8])  # fmt: skip
-    return train, val
+                        v2.RandomHorizontalFlip(),
+                        v2.ToDtype(torch.uint8, scale=True)])  # fmt: skip
+    return train, val_transform(size)
+
+
+def val_transform(size: int) -> Compose:
+    """Validation images to uint8: resized, then centre-cropped to size (CROP_FRACTION)."""
+    from torchvision.transforms import v2
+
+    return v2.Compose([v2.ToImage(), v2.Resize(round(size / CROP_FRACTION), antialias=True),
+                       v2.CenterCrop(size), v2.ToDtype(torch.uint8, scale=True)])  # fmt: skip
 
 
 def _stream_imagefolder(cfg, parts, num_workers: int, device: torch.device) -> DataBundle:

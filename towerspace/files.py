@@ -35,12 +35,12 @@ def check_target(path: Path, root: Path) -> None:
 def write_atomic(path: Path, write: Callable[[Path], None], *, root: Path | None = None) -> Path:
     """Write path through write(tmp): readers see the old file or the new one, never a part.
 
-    The temporary file is made with mkstemp (a new name, never a planted one) and renamed over
+    The target is checked first (check_target) under root, by default its own folder. The
+    temporary file is made with mkstemp (a new name, never a planted one) and renamed over
     path; if write or the rename fails, it is removed and the error raised.
     """
     path = Path(path)
-    if root is not None:
-        check_target(path, root)
+    check_target(path, path.parent if root is None else root)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -60,9 +60,12 @@ def write_text(path: Path, text: str, *, root: Path | None = None) -> Path:
     return write_atomic(path, lambda tmp: tmp.write_text(text), root=root)
 
 
-def write_json(path: Path, payload: Mapping[str, Any], *, root: Path | None = None) -> Path:
+def write_json(
+    path: Path, payload: Mapping[str, Any], *, root: Path | None = None, sort_keys: bool = False
+) -> Path:
     """Write JSON atomically (default=str for paths and other plain values)."""
-    return write_text(path, json.dumps(payload, indent=1, default=str), root=root)
+    text = json.dumps(payload, indent=1, default=str, sort_keys=sort_keys)
+    return write_text(path, text, root=root)
 
 
 def writable(folder: Path) -> bool:

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from towerspace.files import write_json
+from towerspace.timing import time_interleaved
 
 Conv = Callable[[Tensor, Tensor, int, int, int, int], Tensor]  # x, weight, groups, stride, pad, dil
 
@@ -128,30 +131,21 @@ def time_block(
     rounds visit every candidate in turn, so a noisy moment hits them alike.
     """
     x = x.detach().clone().requires_grad_(training)
-    copies = {}
+    calls = {}
     for name in candidates(block.spatial_channels, block.towers):
-        copies[name] = copy.deepcopy(block)
-        copies[name].impl = name
-    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+        clone = copy.deepcopy(block)
+        clone.impl = name
+        calls[name] = functools.partial(_call, clone, x, training)
+    times = time_interleaved(calls, x.device, repeats, min_time)
+    return {name: min(seconds) for name, seconds in times.items()}
 
-    def call(clone: nn.Module) -> None:
-        with torch.enable_grad() if training else torch.no_grad():
-            out = clone(x)
-            if training:
-                out.backward(torch.ones_like(out))
 
-    for clone in copies.values():  # warm-up: kernel selection, allocations
-        call(clone)
-    best = dict.fromkeys(copies, float("inf"))
-    for _ in range(repeats):
-        for name, clone in copies.items():
-            calls, start = 0, time.perf_counter()
-            while calls == 0 or time.perf_counter() - start < min_time:
-                call(clone)
-                sync()
-                calls += 1
-            best[name] = min(best[name], (time.perf_counter() - start) / calls)
-    return best
+def _call(block: nn.Module, x: Tensor, training: bool) -> None:
+    """One forward of block (and backward, when training), as a training step would run it."""
+    with torch.enable_grad() if training else torch.no_grad():
+        out = block(x)
+        if training:
+            out.backward(torch.ones_like(out))
 
 
 CACHE_VERSION = 2  # 1: a flat {signature: impl} file whose signatures held the batch size
@@ -197,11 +191,8 @@ class Chooser:
 
     def _save(self) -> None:
         """Write the file atomically, keeping choices other processes saved meanwhile."""
-        from towerspace.files import write_text
-
         choices = {**self._read(), **self.choices}
-        write_text(self.path, json.dumps({"version": CACHE_VERSION, "choices": choices},
-                                         indent=1, sort_keys=True))  # fmt: skip
+        write_json(self.path, {"version": CACHE_VERSION, "choices": choices}, sort_keys=True)
 
 
 _DEFAULT: list[Chooser] = []  # created on first use, so importing towerspace measures nothing

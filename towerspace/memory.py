@@ -8,6 +8,7 @@ import math
 import os
 import resource
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -31,23 +32,31 @@ def reset_peak(device: torch.device) -> None:
 
 def peak_mb(device: torch.device) -> float:
     """Peak memory since reset_peak(), MiB: CUDA allocations, or the peak RSS on a CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        return _status_kb("VmHWM") / 1024
-    except (OSError, KeyError):
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+    return _mb(device, torch.cuda.max_memory_allocated, "VmHWM", _peak_rss_mb)
 
 
 def now_mb(device: torch.device) -> float:
     """Memory held now, MiB: CUDA allocations, or the RSS on a CPU (NaN without /proc)."""
+    return _mb(device, torch.cuda.memory_allocated, "VmRSS", lambda: math.nan)
+
+
+def _mb(
+    device: torch.device, cuda_bytes: Callable[[torch.device], int], field: str,
+    fallback: Callable[[], float],
+) -> float:  # fmt: skip
+    """MiB: cuda_bytes(device) on a GPU, else a /proc/self/status field, else fallback()."""
     if device.type == "cuda":
-        return torch.cuda.memory_allocated(device) / 2**20
+        return cuda_bytes(device) / 2**20
     try:
-        return _status_kb("VmRSS") / 1024
+        return _status_kb(field) / 1024
     except (OSError, KeyError):
-        return math.nan
+        return fallback()
+
+
+def _peak_rss_mb() -> float:
+    """The process's peak RSS since it started, MiB (getrusage: where /proc is missing)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
 
 
 def release_free_memory() -> None:

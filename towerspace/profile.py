@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import statistics
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -16,41 +15,10 @@ from torch import nn
 from towerspace import memory
 from towerspace.block import Complexity, TowerConv2d, divisors
 from towerspace.impls import IMPLS, Chooser, candidates
+from towerspace.timing import sync, time_interleaved
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_interleaved(
-    fns: dict[str, Callable[[], object]],
-    device: torch.device,
-    repeats: int = 5,
-    min_time: float = 0.05,
-) -> dict[str, list[float]]:
-    """Seconds per call of each function, in rounds that visit every function in turn.
-
-    A noisy moment of a shared machine then slows every candidate alike, instead of one.
-    """
-    for fn in fns.values():  # warm-up: allocations, kernel selection, lazy init
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            calls, start = 0, time.perf_counter()
-            while True:
-                fn()
-                calls += 1
-                _sync(device)
-                elapsed = time.perf_counter() - start
-                if elapsed >= min_time:
-                    break
-            times[name].append(elapsed / calls)
-    return times
 
 
 def _layer_step(layer: nn.Module, x: torch.Tensor, backward: bool) -> Callable[[], object]:
@@ -146,13 +114,11 @@ def _mark_fastest(table: pd.DataFrame) -> pd.DataFrame:
 def _peak_mb(fn: Callable[[], object], device: torch.device) -> float:
     """Memory one call adds at its peak, MiB: CUDA allocator statistics, or on a CPU the rise of
     the process's peak RSS (Linux /proc); NaN where neither is available."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    sync(device)
     memory.reset_peak(device)
     base = memory.now_mb(device)
     fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    sync(device)
     return memory.peak_mb(device) - base
 
 

@@ -7,7 +7,6 @@ import os
 import re
 import stat
 import warnings
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +25,6 @@ COLUMNS = [
     "peak_memory_mb",
     "budget_error", "position", "realized_towers", "group_widths", "data", "error",
 ]  # fmt: skip
-
-
-def write_json(path: Path, payload: Mapping[str, Any]) -> None:
-    """Write JSON atomically: a reader sees the old file or the new one, never half of one."""
-    files.write_json(Path(path), payload, root=Path(path).parent)
 
 
 class DamagedRecord(UserWarning):

@@ -39,10 +39,10 @@ from towerspace import memory, results
 from towerspace import storage as storage_lib
 from towerspace.config import ConfigError, ExperimentConfig, apply, from_dict, to_dict
 from towerspace.errors import DiskFull, StorageError
+from towerspace.files import write_json
 from towerspace.impls import share_choices
 from towerspace.models import build_model
 from towerspace.models.builders import absolute_builder
-from towerspace.results import write_json
 from towerspace.spaces import SpaceConfig
 from towerspace.trial import CHECKPOINT, Trial, failed_record, one_line, provenance
 

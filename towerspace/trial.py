@@ -14,8 +14,9 @@ import torch
 import towerspace
 from towerspace import data as datasets
 from towerspace.config import ExperimentConfig, apply, to_dict
+from towerspace.files import write_json
 from towerspace.models import build_model, complexity
-from towerspace.results import read_record, write_json
+from towerspace.results import read_record
 from towerspace.towers import TowerSpec, realized_towers
 from towerspace.train import Diverged, Trainer, choose_device, seed_everything
 

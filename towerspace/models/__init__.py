@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING, Any
 
 # eager (torch only): the functions `xception` and `towerize` must shadow the submodules of
 # the same names
-from towerspace.models.towerize import complexity, towerize
+from towerspace.models.cost import complexity
+from towerspace.models.towerize import towerize
 from towerspace.models.xception import Xception, xception, xception_complexity
 
 if TYPE_CHECKING:

@@ -1,21 +1,95 @@
-"""Model configs as data, and building a model from one."""
+"""Model configs as data, and the one table from a model name to the function that builds it."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
 from towerspace.block import IMPL_NAMES
+from towerspace.budget import schedule_divisor
 from towerspace.choices import MATCHES, MIDS, ORDERS, STEMS
 from towerspace.errors import ConfigError
-from towerspace.models.builders import TORCHVISION, build_towerized
+from towerspace.models.builders import TORCHVISION, custom_builder, torchvision_builder
 from towerspace.models.pretrained import load_pretrained
+from towerspace.models.towerize import Builder, towerize
 from towerspace.models.xception import xception
-from towerspace.towers import SNAPS
+from towerspace.towers import SNAPS, TowerSchedule
 
-MODEL_NAMES = ("xception", *TORCHVISION, "custom")  # custom: model.builder
+# a model from (config, *, in_chans, num_classes, image_size, stem); stem: small or imagenet
+FromConfig = Callable[..., nn.Module]
+
+
+def _xception(
+    cfg: ModelConfig, *, in_chans: int, num_classes: int, image_size: int, stem: str
+) -> nn.Module:
+    """Xception by its own factory (budget matching by formula), started from init_from if set."""
+    model = xception(num_classes=num_classes, in_chans=in_chans, width=cfg.width,
+                     middle_blocks=cfg.middle_blocks, stem=stem, towers=cfg.towers,
+                     overrides=cfg.overrides, snap=cfg.snap, layer_seed=cfg.layer_seed,
+                     order=cfg.order, mid=cfg.mid, dropout=cfg.dropout, match=cfg.match,
+                     reference=cfg.reference, input_size=image_size,
+                     channel_divisor=cfg.channel_divisor, impl=cfg.impl)  # fmt: skip
+    if cfg.init_from is not None:  # the same function as the source, at this model's towers
+        try:
+            load_pretrained(model, cfg.init_from)
+        except ValueError as err:
+            raise ConfigError(f"init_from {cfg.init_from}: {err}") from None
+    return model
+
+
+def _torchvision(
+    cfg: ModelConfig, *, in_chans: int, num_classes: int, image_size: int, stem: str
+) -> nn.Module:
+    """A torchvision network, towerized; ResNet's stem shrinks for small images."""
+    schedule = _schedule(cfg)
+    # matching rounds to the tower counts asked for, so they are realized and steps are fine
+    divisor = schedule_divisor(schedule) if cfg.match != "none" else 8
+    builder = torchvision_builder(cfg.name, in_chans=in_chans, num_classes=num_classes,
+                                  small_stem=stem == "small", round_nearest=divisor)  # fmt: skip
+    return _towerized(cfg, builder, schedule, image_size=image_size, in_chans=in_chans)
+
+
+def _custom(
+    cfg: ModelConfig, *, in_chans: int, num_classes: int, image_size: int, stem: str
+) -> nn.Module:
+    """A user's network from model.builder ('path/to/file.py:function'), towerized."""
+    schedule = _schedule(cfg)
+    builder = custom_builder(cfg.builder, in_chans=in_chans, num_classes=num_classes,
+                             image_size=image_size)  # fmt: skip
+    return _towerized(cfg, builder, schedule, image_size=image_size, in_chans=in_chans)
+
+
+def _schedule(cfg: ModelConfig) -> TowerSchedule:
+    """The config's tower counts, per site."""
+    return TowerSchedule.build(cfg.towers, cfg.overrides, cfg.snap, cfg.layer_seed)
+
+
+def _towerized(
+    cfg: ModelConfig, builder: Builder, schedule: TowerSchedule, *, image_size: int, in_chans: int
+) -> nn.Module:
+    """The builder's network towerized at the config's towers (at a solved width if matched).
+
+    Fresh weights at every point (carry_weights=False): a sweep compares tower counts from the
+    same kind of initialisation, not from a random dense kernel embedded exactly at 1 tower.
+    """
+    model, _ = towerize(
+        builder if cfg.match != "none" else builder(cfg.width), schedule, order=cfg.order,
+        mid=cfg.mid, carry_weights=False, match=cfg.match, reference=cfg.reference,
+        base_width=cfg.width, image_size=image_size, in_chans=in_chans, impl=cfg.impl,
+    )  # fmt: skip
+    return model
+
+
+# model.name → the function that builds it (torchvision's networks at random init)
+BUILDERS: dict[str, FromConfig] = {
+    "xception": _xception,
+    **dict.fromkeys(TORCHVISION, _torchvision),
+    "custom": _custom,  # model.builder: a user's function
+}
+MODEL_NAMES = tuple(BUILDERS)
 
 
 @dataclass(frozen=True)
@@ -49,31 +123,5 @@ def build_model(cfg: ModelConfig, *, in_chans: int, num_classes: int, image_size
                          f"got match {cfg.match!r}")  # fmt: skip
     if cfg.init_from is not None and cfg.name != "xception":
         raise ConfigError(f"init_from needs name 'xception' for now, got name {cfg.name!r}")
-    if cfg.name != "xception":  # any other network: built, then towerized
-        return build_towerized(cfg, in_chans=in_chans, num_classes=num_classes,
-                               image_size=image_size, small_stem=stem == "small")  # fmt: skip
-    model = xception(
-        num_classes=num_classes,
-        in_chans=in_chans,
-        width=cfg.width,
-        middle_blocks=cfg.middle_blocks,
-        stem=stem,
-        towers=cfg.towers,
-        overrides=cfg.overrides,
-        snap=cfg.snap,
-        layer_seed=cfg.layer_seed,
-        order=cfg.order,
-        mid=cfg.mid,
-        dropout=cfg.dropout,
-        match=cfg.match,
-        reference=cfg.reference,
-        input_size=image_size,
-        channel_divisor=cfg.channel_divisor,
-        impl=cfg.impl,
-    )
-    if cfg.init_from is not None:  # the same function as the source, at this model's towers
-        try:
-            load_pretrained(model, cfg.init_from)
-        except ValueError as err:
-            raise ConfigError(f"init_from {cfg.init_from}: {err}") from None
-    return model
+    return BUILDERS[cfg.name](cfg, in_chans=in_chans, num_classes=num_classes,
+                              image_size=image_size, stem=stem)  # fmt: skip

@@ -1,4 +1,5 @@
-"""Networks towerize() puts on the continuum: torchvision's, and a user's own builder."""
+"""`width -> network` builders that towerize() puts on the continuum: torchvision's networks,
+and a user's own function in a file."""
 
 from __future__ import annotations
 
@@ -6,33 +7,26 @@ import importlib.util
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from torchvision import models as tv
 
 from towerspace.errors import ConfigError
-from towerspace.models.towerize import towerize
-from towerspace.models.xception import schedule_divisor
-from towerspace.towers import TowerSchedule
 
-if TYPE_CHECKING:
-    from towerspace.models.build import ModelConfig
-
-# name → (constructor, whether it has a width knob). weights=None always: random init, no download.
-TORCHVISION: dict[str, tuple[Callable[..., nn.Module], bool]] = {
-    "torchvision.resnet18": (tv.resnet18, False),
-    "torchvision.resnet50": (tv.resnet50, False),
-    "torchvision.mobilenet_v2": (tv.mobilenet_v2, True),
-    "torchvision.mobilenet_v3_small": (tv.mobilenet_v3_small, True),
-    "torchvision.mobilenet_v3_large": (tv.mobilenet_v3_large, True),
+# torchvision.models constructor (by name) → whether it has a width knob (width_mult).
+# weights=None always: random init, no download; torchvision loads when one is built.
+TORCHVISION: dict[str, bool] = {
+    "torchvision.resnet18": False,
+    "torchvision.resnet50": False,
+    "torchvision.mobilenet_v2": True,
+    "torchvision.mobilenet_v3_small": True,
+    "torchvision.mobilenet_v3_large": True,
 }
 
 
 def has_width_knob(name: str) -> bool:
     """Whether a model name's width can be scaled (Xception, MobileNets, a user's builder)."""
-    return TORCHVISION[name][1] if name in TORCHVISION else True
+    return TORCHVISION.get(name, True)
 
 
 def torchvision_builder(
@@ -43,7 +37,10 @@ def torchvision_builder(
     small_stem gives ResNet a CIFAR-style stem (3×3 stride-1 conv, no max-pool); round_nearest
     rounds MobileNetV2's channels (torchvision: 8; finer steps let budget matching land closer).
     """
-    constructor, has_width = TORCHVISION[name]
+    from torchvision import models as tv
+
+    has_width = TORCHVISION[name]
+    constructor = getattr(tv, name.removeprefix("torchvision."))
 
     def build(width: float) -> nn.Module:
         kwargs = {"width_mult": width} if has_width else {}
@@ -157,28 +154,3 @@ def _syntax_error_in(path: Path, err: BaseException) -> bool:
     """Whether err is a syntax error in path itself (not in a module it imports)."""
     filename = getattr(err, "filename", None) if isinstance(err, SyntaxError) else None
     return filename is not None and Path(filename).resolve() == path.resolve()
-
-
-def build_towerized(
-    cfg: ModelConfig, *, in_chans: int, num_classes: int, image_size: int, small_stem: bool
-) -> nn.Module:
-    """A torchvision or custom network from a model config, towerized at the config's towers.
-
-    Fresh weights at every point (carry_weights=False): a sweep compares tower counts from the
-    same kind of initialisation, not from a random dense kernel embedded exactly at 1 tower.
-    """
-    schedule = TowerSchedule.build(cfg.towers, cfg.overrides, cfg.snap, cfg.layer_seed)
-    if cfg.name == "custom":
-        builder = custom_builder(cfg.builder, in_chans=in_chans, num_classes=num_classes,
-                                 image_size=image_size)  # fmt: skip
-    else:
-        # matching rounds to the tower counts asked for, so they are realized and steps are fine
-        divisor = schedule_divisor(schedule) if cfg.match != "none" else 8
-        builder = torchvision_builder(cfg.name, in_chans=in_chans, num_classes=num_classes,
-                                      small_stem=small_stem, round_nearest=divisor)  # fmt: skip
-    model, _ = towerize(
-        builder if cfg.match != "none" else builder(cfg.width), schedule, order=cfg.order,
-        mid=cfg.mid, carry_weights=False, match=cfg.match, reference=cfg.reference,
-        base_width=cfg.width, image_size=image_size, in_chans=in_chans, impl=cfg.impl,
-    )  # fmt: skip
-    return model

@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from torch.func import functional_call
-from torch.utils.flop_counter import FlopCounterMode
 
-from towerspace.block import Complexity, TowerConv2d, regroup_weight
-from towerspace.budget import Match
+from towerspace.block import TowerConv2d, regroup_weight
+from towerspace.budget import solve_width
 from towerspace.choices import MATCHES
 from towerspace.errors import ConfigError
-from towerspace.models.xception import Xception
+from towerspace.models.cost import model_cost
 from towerspace.towers import TowerSchedule, TowerSpecLike
 
 if TYPE_CHECKING:
@@ -117,10 +114,10 @@ def towerize(
     solved = None
     if match != "none":
         reference_schedule = TowerSchedule.build(reference, snap="nearest")
+        cost = _meta_cost(model, options, match, image_size, in_chans)
         solved = solve_width(
-            model, schedule, reference_schedule, options, match=match, base_width=base_width,
-            image_size=image_size, in_chans=in_chans,
-        )  # fmt: skip
+            cost, schedule, reference_schedule, metric=match, base_width=base_width
+        )
         width = solved.width
     towered, report = towerize_in_place(model(width), schedule, options)
     if solved is not None:
@@ -156,6 +153,21 @@ def towerize_in_place(
     report = pd.DataFrame(rows, columns=list(COLUMNS))
     ints = ["spatial_channels", "towers", "group_width"]
     return model, report.astype(dict.fromkeys(ints, "Int64") | {"exact": "boolean"})
+
+
+def _meta_cost(
+    builder: Builder, options: Options, metric: str, image_size: int, in_chans: int
+) -> Callable[[float, TowerSchedule], int]:
+    """`(width, schedule) -> cost` of the builder's network, towerized on the meta device
+    (structure only: no weights are made or carried)."""
+
+    def cost(width: float, schedule: TowerSchedule) -> int:
+        with torch.device("meta"):
+            model = builder(width)
+        model, _ = towerize_in_place(model, schedule, replace(options, carry_weights=False))
+        return model_cost(model, metric, image_size, in_chans)
+
+    return cost
 
 
 # ---------------------------------------------------------------- what to replace
@@ -450,83 +462,3 @@ def _row(site: Site, block: TowerConv2d | None, exact: bool | None = None) -> di
         "absorbed": ", ".join(absorbed),
         "reason": site.reason,
     }
-
-
-# ---------------------------------------------------------------- cost and budget
-
-
-def complexity(model: nn.Module, image_size: int, in_chans: int = 3) -> Complexity:
-    """Parameters and forward FLOPs per image of any model (Xception: by its formula).
-
-    FLOPs are counted by FlopCounterMode on one forward pass with meta tensors (nothing is
-    computed, the model is left as it was); training FLOPs are 3× forward, as everywhere.
-    """
-    if isinstance(model, Xception):
-        return model.complexity(image_size)
-    params = sum(p.numel() for p in model.parameters())
-    return Complexity(params, forward_flops(model, image_size, in_chans), 1, 1)
-
-
-def forward_flops(model: nn.Module, image_size: int, in_chans: int = 3) -> int:
-    """Forward FLOPs per image (2 per multiply-add) as torch.utils.flop_counter counts them."""
-    tensors = {
-        name: torch.empty_like(t, device="meta")
-        for name, t in [*model.named_parameters(), *model.named_buffers()]
-    }
-    x = torch.empty(1, in_chans, image_size, image_size, device="meta")
-    modes = {m: m.training for m in model.modules()}
-    # the FLOPs of the arithmetic: impl='auto' would time kernels (and count their runs)
-    impls = {m: m.impl for m in model.modules() if isinstance(m, TowerConv2d)}
-    counter = FlopCounterMode(display=False)
-    try:
-        model.eval()  # batch statistics of one image would fail; dropout is not counted anyway
-        for block in impls:
-            block.impl = "native"
-        with torch.no_grad(), counter:
-            functional_call(model, tensors, (x,))
-    finally:
-        for module, training in modes.items():
-            module.training = training
-        for block, impl in impls.items():
-            block.impl = impl
-    return int(counter.get_total_flops())
-
-
-def solve_width(
-    builder: Builder,
-    schedule: TowerSchedule,
-    reference: TowerSchedule,
-    options: Options,
-    *,
-    match: str,
-    base_width: float = 1.0,
-    image_size: int = 224,
-    in_chans: int = 3,
-) -> Match:
-    """The builder width at which the towerized model costs what reference costs at base_width.
-
-    Bisection on log-width over models built on the meta device (structure only), then the
-    closest of every width tried: a width knob rounds channels, so cost moves in steps.
-    """
-    tried: dict[float, int] = {}
-
-    def cost(width: float, sched: TowerSchedule) -> int:
-        with torch.device("meta"):
-            net = builder(width)
-        net, _ = towerize_in_place(net, sched, replace(options, carry_weights=False))
-        if match == "params":
-            return sum(p.numel() for p in net.parameters())
-        return forward_flops(net, image_size, in_chans)
-
-    target = cost(base_width, reference)
-    if reference == schedule:
-        return Match(match, base_width, {}, target, target)
-    low, high = base_width / 16, base_width * 16
-    for _ in range(30):
-        mid = math.sqrt(low * high)
-        tried[mid] = cost(mid, schedule)
-        low, high = (mid, high) if tried[mid] < target else (low, mid)
-        if high / low < 1.002 or abs(tried[mid] / target - 1.0) < 0.005:
-            break
-    width = min(tried, key=lambda w: (abs(tried[w] - target), w))
-    return Match(match, width, {}, target, tried[width])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -10,7 +9,7 @@ import torch
 from torch import nn
 
 from towerspace.block import Complexity, TowerConv2d, tower_complexity
-from towerspace.budget import Match, match_channels, round_channels
+from towerspace.budget import Match, match_channels, round_channels, schedule_divisor
 from towerspace.choices import MATCHES, STEMS
 from towerspace.errors import ConfigError
 from towerspace.towers import TowerSchedule, TowerSpecLike
@@ -31,6 +30,19 @@ MIDDLE = ("c728", "c728", "c728")  # one middle-flow block; the paper repeats it
 EXIT = (("exit", "block13", ("c728", "c1024"), True),)
 HEAD = ("c1536", "c2048")  # exit.block14: separable convs, each followed by BatchNorm and ReLU
 BN_EPS = 1e-3  # Keras' BatchNormalization epsilon
+
+
+@dataclass(frozen=True)
+class Arch:
+    """What shapes an Xception besides its channels and tower counts."""
+
+    num_classes: int = 1000
+    in_chans: int = 3
+    middle_blocks: int = 8  # the paper repeats the middle-flow block 8 times
+    stem: str = "imagenet"  # imagenet: stride 2, unpadded; small: stride 1, for ≤ 64 px images
+    order: str = "spatial_first"
+    mid: str = "none"  # op between the two convs of each block
+    dropout: float = 0.0  # before the classifier (costs nothing)
 
 
 @dataclass(frozen=True)
@@ -137,29 +149,20 @@ def block_complexity(
 
 
 def xception_complexity(
-    channels: Mapping[str, int],
-    schedule: TowerSchedule,
-    size: int,
-    *,
-    num_classes: int = 1000,
-    in_chans: int = 3,
-    middle_blocks: int = 8,
-    stem: str = "imagenet",
-    order: str = "spatial_first",
-    mid: str = "none",
-    dropout: float = 0.0,
+    channels: Mapping[str, int], schedule: TowerSchedule, size: int, arch: Arch = Arch()
 ) -> Complexity:
     """Parameters and FLOPs per image of an Xception, by formula, without building it."""
-    stride, pad = (2, 0) if stem == "imagenet" else (1, 1)
-    total = _conv_complexity(in_chans, channels["stem1"], 3, stride, pad, size, size)
+    stride, pad = (2, 0) if arch.stem == "imagenet" else (1, 1)
+    total = _conv_complexity(arch.in_chans, channels["stem1"], 3, stride, pad, size, size)
     total = total + _conv_complexity(
         channels["stem1"], channels["stem2"], 3, 1, pad, total.height, total.width
     )
-    for block in plan(channels, middle_blocks):
-        towers = block.towers(schedule, order)
-        total = total + block_complexity(block, towers, order, mid, total.height, total.width)
-    fc = channels["c2048"] * num_classes
-    return total + Complexity(fc + num_classes, 2 * fc, 1, 1)
+    for block in plan(channels, arch.middle_blocks):
+        towers = block.towers(schedule, arch.order)
+        cost = block_complexity(block, towers, arch.order, arch.mid, total.height, total.width)
+        total = total + cost
+    fc = channels["c2048"] * arch.num_classes
+    return total + Complexity(fc + arch.num_classes, 2 * fc, 1, 1)
 
 
 class Xception(nn.Module):
@@ -170,25 +173,17 @@ class Xception(nn.Module):
         *,
         channels: Mapping[str, int],
         schedule: TowerSchedule,
-        num_classes: int = 1000,
-        in_chans: int = 3,
-        middle_blocks: int = 8,
-        stem: str = "imagenet",
-        order: str = "spatial_first",
-        mid: str = "none",
-        dropout: float = 0.0,
+        arch: Arch = Arch(),
         impl: str = "native",
     ) -> None:
         super().__init__()
-        if stem not in STEMS:
-            raise ConfigError(f"stem={stem!r} is not one of: {', '.join(STEMS)}")
+        if arch.stem not in STEMS:
+            raise ConfigError(f"stem={arch.stem!r} is not one of: {', '.join(STEMS)}")
         c = dict(channels)
-        self.channels, self.schedule = c, schedule
-        self.arch = {"num_classes": num_classes, "in_chans": in_chans, "stem": stem,
-                     "middle_blocks": middle_blocks, "order": order, "mid": mid}  # fmt: skip
-        stride, pad = (2, 0) if stem == "imagenet" else (1, 1)
+        self.channels, self.schedule, self.arch = c, schedule, arch
+        stride, pad = (2, 0) if arch.stem == "imagenet" else (1, 1)
         self.stem = nn.Sequential(
-            nn.Conv2d(in_chans, c["stem1"], 3, stride=stride, padding=pad, bias=False),
+            nn.Conv2d(arch.in_chans, c["stem1"], 3, stride=stride, padding=pad, bias=False),
             _bn(c["stem1"]),
             nn.ReLU(),
             nn.Conv2d(c["stem1"], c["stem2"], 3, padding=pad, bias=False),
@@ -196,11 +191,12 @@ class Xception(nn.Module):
             nn.ReLU(),
         )
         self.entry, self.middle, self.exit = nn.ModuleDict(), nn.ModuleDict(), nn.ModuleDict()
-        for block in plan(c, middle_blocks):
-            towers = block.towers(schedule, order)
-            getattr(self, block.flow)[block.name] = SeparableBlock(block, towers, order, mid, impl)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.fc = nn.Linear(c["c2048"], num_classes)
+        for block in plan(c, arch.middle_blocks):
+            towers = block.towers(schedule, arch.order)
+            flow = getattr(self, block.flow)
+            flow[block.name] = SeparableBlock(block, towers, arch.order, arch.mid, impl)
+        self.dropout = nn.Dropout(arch.dropout) if arch.dropout > 0 else nn.Identity()
+        self.fc = nn.Linear(c["c2048"], arch.num_classes)
         self.budget: dict[str, float | int | str] | None = None  # set by xception(match=...)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -219,7 +215,7 @@ class Xception(nn.Module):
         """Parameters and FLOPs per image for a square input of side height, by formula."""
         if width not in (None, height):
             raise ConfigError("Xception.complexity takes square inputs")
-        return xception_complexity(self.channels, self.schedule, height, **self.arch)
+        return xception_complexity(self.channels, self.schedule, height, self.arch)
 
 
 def xception(
@@ -258,17 +254,16 @@ def xception(
         raise ConfigError(f"middle_blocks must be >= 0, got {middle_blocks!r}")
     schedule = TowerSchedule.build(towers, overrides, snap, layer_seed)
     size = input_size or (299 if stem == "imagenet" else 32)
-    kw = {"num_classes": num_classes, "in_chans": in_chans, "middle_blocks": middle_blocks,
-          "stem": stem, "order": order, "mid": mid, "dropout": dropout}  # fmt: skip
+    arch = Arch(num_classes, in_chans, middle_blocks, stem, order, mid, dropout)
     base_channels = round_channels(GROUPS, width, channel_divisor or 8)
     if match == "none":
-        model = Xception(channels=base_channels, schedule=schedule, impl=impl, **kw)
+        model = Xception(channels=base_channels, schedule=schedule, arch=arch, impl=impl)
         _check_overrides(model, schedule)
         return model
     reference_schedule = TowerSchedule.build(reference, snap="nearest")
 
     def cost(channels: dict[str, int], sched: TowerSchedule = schedule) -> int:
-        c = xception_complexity(channels, sched, size, **kw)
+        c = xception_complexity(channels, sched, size, arch)
         return c.params if match == "params" else c.flops
 
     target = cost(base_channels, reference_schedule)
@@ -276,26 +271,10 @@ def xception(
     solved = match_channels(cost, GROUPS, target, metric=match, divisor=divisor)
     if reference_schedule == schedule and channel_divisor in (None, 8):
         solved = Match(match, width, base_channels, target, target)
-    model = Xception(channels=solved.channels, schedule=schedule, impl=impl, **kw)
+    model = Xception(channels=solved.channels, schedule=schedule, arch=arch, impl=impl)
     _check_overrides(model, schedule)
     model.budget = solved.as_dict()
     return model
-
-
-def schedule_divisor(schedule: TowerSchedule) -> int:
-    """Channel rounding for a matched schedule: the lcm of the counts and widths it asks for.
-
-    Positions (and per-layer random positions) snap to divisors of the channels, so they round
-    to multiples of 8, which keeps 1, 2, 4 and 8 towers reachable at every site.
-    """
-    specs = (schedule.default, *schedule.overrides.values())
-    divisor = 8 if schedule.layer_seed is not None else 1
-    for spec in specs:
-        if spec.kind == "position":
-            divisor = math.lcm(divisor, 8)
-        elif isinstance(spec.value, int):
-            divisor = math.lcm(divisor, spec.value)
-    return divisor
 
 
 def _check_overrides(model: nn.Module, schedule: TowerSchedule) -> None:
