@@ -93,7 +93,7 @@ def test_compare_without_depthwise_uses_the_point_nearest_it(table):
     assert list(diffs["towers"]) == ["gw8", "gw4", "gw1"] and set(diffs["reference"]) == {"gw1"}
     assert diffs["diff_mean"].tolist() == pytest.approx([-0.02, 0.02, 0.0])
     with pytest.raises(ValueError, match=r"^reference 'depthwise' is not a finished point; "
-                       r"points: gw1, gw4, gw8$"):  # fmt: skip
+                       r"points: gw8, gw4, gw1$"):  # fmt: skip
         analysis.compare(widths, reference="depthwise")
 
 

@@ -6,7 +6,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from towerspace import TowerConv2d, tower_complexity
-from towerspace.block import divisors
+from towerspace.towers import divisors
 
 ORDERS = ("spatial_first", "pointwise_first")
 SHAPES = ((8, 16), (12, 12), (16, 8))  # (in, out): the spatial conv sees in or out channels

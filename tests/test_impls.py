@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from towerspace import TowerConv2d
-from towerspace.block import divisors
 from towerspace.impls import CACHE_VERSION, IMPLS, Chooser, candidates, signature
+from towerspace.towers import divisors
 
 
 def _pair(c_in, c_out, towers, order, impl, stride):

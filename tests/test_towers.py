@@ -1,15 +1,21 @@
 """Tower specs and schedules: snapping, strict errors, overrides, realized towers."""
 
+import json
+
 import pytest
 
 from towerspace.models import xception
+from towerspace.status import FAILED, Status
 from towerspace.towers import (
+    TowerLabel,
     TowerSchedule,
     TowerSpec,
+    label_order,
     nearest_divisor,
     position,
     realize,
     realized_towers,
+    tower_label,
 )
 
 
@@ -113,3 +119,34 @@ def test_layer_seed_draws_per_site_and_is_reproducible():
     c = realized_towers(xception(layer_seed=2, **kw))
     assert a == b and a != c
     assert len({r["towers"] for r in a.values()}) > 3  # layers really differ
+
+
+def test_labels_are_made_read_back_and_ordered_from_regular_to_depthwise():
+    assert tower_label(4) == "4" and tower_label({"group_width": 8}) == "gw8"
+    assert tower_label("depthwise", 3, {"entry": 2, "exit": "depthwise"}) == (
+        "random/3 [entry=2, exit=depthwise]"
+    )
+    label = TowerLabel.parse("random/3 [entry=2, exit=depthwise]")
+    assert (label.head, label.overrides, label.sampled) == (
+        "random/3",
+        "entry=2, exit=depthwise",
+        True,
+    )
+    assert label.population() == "sampled models [entry=2, exit=depthwise]"
+    assert str(label) == "random/3 [entry=2, exit=depthwise]"
+    assert not TowerLabel.parse("random/x").sampled and TowerLabel.parse("8").population() == "8"
+    shuffled = ["depthwise", "16", "2", "1", "random/10", "gw8", "t=0.50", "4 [entry=2]", "4",
+                "random/3", "regular", "gw64", "t=0.25"]  # fmt: skip
+    assert label_order(shuffled) == [
+        "1", "regular", "2", "4", "4 [entry=2]", "16", "depthwise", "gw64", "gw8", "t=0.25",
+        "t=0.50", "random/3", "random/10",
+    ]  # fmt: skip
+
+
+def test_statuses_are_their_text():
+    assert (
+        Status.ERROR == "error"
+        and json.dumps({"status": Status.FINISHED}) == '{"status": "finished"}'
+    )
+    assert [str(s) for s in Status] == ["running", "finished", "stopped", "diverged", "error"]
+    assert set(FAILED) == {"error", "diverged"}

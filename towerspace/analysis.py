@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -12,11 +11,12 @@ import pandas as pd
 from scipy import stats
 
 from towerspace.errors import UserError
+from towerspace.status import Status
+from towerspace.towers import TowerLabel, label_order
 
 GROUPS = ("order", "mid", "match")  # curves of one continuum: the same order, mid op and budget
 METRIC = "final_val_acc"
 REGIMES = ("regular", "inception", "depthwise")
-SAMPLED = re.compile(r"^random/\d+")  # labels of models drawn from a population (layerwise_random)
 
 
 def derive(results: pd.DataFrame) -> pd.DataFrame:
@@ -37,13 +37,13 @@ def derive(results: pd.DataFrame) -> pd.DataFrame:
 
 def population(label: object) -> str:
     """'sampled models' (plus any overrides) for a model drawn at random, else the label itself."""
-    return SAMPLED.sub("sampled models", str(label))
+    return TowerLabel.parse(label).population()
 
 
 def is_population(table: pd.DataFrame) -> bool:
     """Whether every point is a model drawn from a population (labels 'random/<seed>')."""
-    labels = table["towers"].astype(str)
-    return bool(len(labels)) and bool(labels.str.match(SAMPLED.pattern).all())
+    labels = [TowerLabel.parse(label) for label in table["towers"]]
+    return bool(labels) and all(label.sampled for label in labels)
 
 
 def _geomean(values: Sequence[float]) -> float:
@@ -57,7 +57,7 @@ def _regime(realized: dict) -> str:
 
 def excluded(results: pd.DataFrame) -> list[str]:
     """Trials left out of summaries (anything not finished), as 'trial_id (status)'."""
-    bad = results[results["status"] != "finished"]
+    bad = results[results["status"] != Status.FINISHED]
     return [f"{t} ({s})" for t, s in zip(bad["trial_id"], bad["status"], strict=True)]
 
 
@@ -75,7 +75,7 @@ def summarize(
     """
     table = derive(results)
     keys = _groups(table, by)
-    done = table[table["status"] == "finished"]
+    done = table[table["status"] == Status.FINISHED]
     costs = [c for c in ("params", "flops", "training_flops", "images_per_s") if c in table]
     agg = done.groupby(keys, sort=False, dropna=False).agg(
         n=(metric, "count"),
@@ -92,7 +92,8 @@ def summarize(
         for n, s in zip(agg["n"], agg["std"], strict=True)
     ]
     agg["ci_low"], agg["ci_high"] = agg["mean"] - half, agg["mean"] + half
-    failed = table[table["status"] != "finished"].groupby(keys, sort=False, dropna=False).size()
+    failed = table[table["status"] != Status.FINISHED]
+    failed = failed.groupby(keys, sort=False, dropna=False).size()
     agg["failed"] = failed.reindex(agg.index, fill_value=0).astype(int)
     for column in ("params", "flops", "training_flops"):
         if column in agg and agg[column].notna().all():  # a count where every trial has one
@@ -108,7 +109,7 @@ def reference_point(results: pd.DataFrame) -> str:
 
     Nearest means the highest mean position over its trials; ties go to the first label.
     """
-    done = derive(results).query("status == 'finished'")
+    done = derive(results).query(f"status == '{Status.FINISHED}'")
     if done.empty:
         raise UserError("no finished trials: nothing to compare against")
     if "depthwise" in set(done["towers"]):
@@ -134,13 +135,13 @@ def compare(
     the 95% interval is a percentile bootstrap of the mean difference.
     """
     table = derive(results)
-    done = table[table["status"] == "finished"]
+    done = table[table["status"] == Status.FINISHED]
     keys = _groups(table, ("towers",))
     rest = keys[1:]
     reference = reference_point(results) if reference is None else reference
     if reference not in set(done["towers"]):
         raise UserError(f"reference {reference!r} is not a finished point; points: "
-                         f"{', '.join(sorted(set(done['towers'])))}")  # fmt: skip
+                         f"{', '.join(label_order(done['towers']))}")  # fmt: skip
     ref = done[done["towers"] == reference].set_index([*rest, "seed"])[metric]
     rng = np.random.default_rng(seed)
     rows = []

@@ -11,6 +11,7 @@ from torch import nn
 from towerspace.choices import MIDS, ORDERS
 from towerspace.errors import TowerSpecError
 from towerspace.impls import IMPLS, default_chooser, expand_grouped
+from towerspace.towers import divisors, regime
 
 Order = Literal["spatial_first", "pointwise_first"]
 Mid = Literal["none", "relu", "elu", "bn", "bn_relu"]
@@ -44,21 +45,6 @@ class Complexity:
     def as_dict(self) -> dict[str, int]:
         """Parameters, forward FLOPs and training FLOPs as a plain dict."""
         return {"params": self.params, "flops": self.flops, "training_flops": self.training_flops}
-
-
-def divisors(n: int) -> list[int]:
-    """All positive divisors of n, ascending."""
-    small = [d for d in range(1, int(n**0.5) + 1) if n % d == 0]
-    return sorted(set(small + [n // d for d in small]))
-
-
-def regime(towers: int, channels: int) -> str:
-    """Where a tower count sits: regular (1 tower), depthwise (1 per channel) or Inception-style."""
-    if towers == channels:
-        return "depthwise"
-    if towers == 1:
-        return "regular"
-    return "inception"
 
 
 def resolve_towers(

@@ -17,9 +17,8 @@ from towerspace.config import ConfigError, ExperimentConfig, apply
 from towerspace.data import DataSizes, TensorBatches
 from towerspace.models import build_model, complexity
 from towerspace.spaces import grid_points
-from towerspace.towers import TowerSpec
+from towerspace.towers import TowerLabel, TowerSpec, tower_label
 from towerspace.train import Trainer, choose_device, seed_everything
-from towerspace.trial import tower_label
 
 # Optimistic sustained training rates: hours computed from them are lower bounds (a GPU of the
 # A100 class sustains less than 100 TFLOP/s on grouped convolutions; a CPU core, at its fp32
@@ -27,6 +26,7 @@ from towerspace.trial import tower_label
 ASSUMED_TFLOPS = {"gpu": 100.0, "cpu": 0.1}
 WARMUP_STEPS, TIMED_STEPS = 2, 3  # --measure: untimed steps (allocation, cudnn choice), timed ones
 THROUGHPUT_COLUMNS = ("towers", "images_per_s")
+PER_SAMPLE = " (base model, per sample)"  # a sampled space's one row: its base model's cost
 
 
 def device_kind(cfg: ExperimentConfig) -> str:
@@ -73,8 +73,8 @@ def memory_estimate_mb(model: nn.Module, in_chans: int, size: int, batch: int, o
 
 
 def _point_label(cfg: ExperimentConfig) -> str:
-    label = tower_label(cfg)
-    return label if cfg.space.searcher == "grid" else f"{label} (base model, per sample)"
+    label = tower_label(cfg.model.towers, cfg.model.layer_seed, cfg.model.overrides)
+    return label if cfg.space.searcher == "grid" else label + PER_SAMPLE
 
 
 def cost_table(cfg: ExperimentConfig, sizes: DataSizes) -> pd.DataFrame:
@@ -211,7 +211,8 @@ def total_hours(table: pd.DataFrame, cfg: ExperimentConfig) -> float | None:
 
 def rates_for(table: pd.DataFrame, rates: dict[str, float]) -> list[float | None]:
     """A throughput file's images/s for each row's towers (None where the file has none)."""
-    return [rates.get(label.split(" ")[0]) for label in table["towers"]]
+    heads = [TowerLabel.parse(label.removesuffix(PER_SAMPLE)).head for label in table["towers"]]
+    return [rates.get(head) for head in heads]
 
 
 def sizes_or_given(

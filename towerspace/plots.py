@@ -11,6 +11,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import ScalarFormatter
 
 from towerspace import analysis, files
+from towerspace.status import Status
+from towerspace.towers import label_order
 
 # Okabe-Ito: distinguishable with the common colour-vision deficiencies
 COLORS = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000")
@@ -101,7 +103,7 @@ def continuum(results: pd.DataFrame, x: str = "towers", metric: str = analysis.M
     """Accuracy across the continuum: mean over seeds with 95% intervals, seeds as faint dots."""
     summary = analysis.summarize(results, metric=metric)
     trials = analysis.derive(results)
-    trials = trials[trials["status"] == "finished"]
+    trials = trials[trials["status"] == Status.FINISHED]
     fig = Figure(figsize=(7.5, 4.5), layout="constrained")
     ax = fig.add_subplot()
     _shade_regimes(ax, summary, x)
@@ -193,7 +195,7 @@ def edf(results: pd.DataFrame, by: str = "towers", metric: str = analysis.METRIC
     order / mid / match if those vary), each model counted once at its mean over seeds.
     """
     trials = analysis.derive(results)
-    keys, samples = _edf_samples(trials[trials["status"] == "finished"], by, metric)
+    keys, samples = _edf_samples(trials[trials["status"] == Status.FINISHED], by, metric)
     fig = Figure(figsize=(6.5, 4.5), layout="constrained")
     ax = fig.add_subplot()
     groups = samples.groupby(keys, sort=False)
@@ -233,7 +235,9 @@ def curves(
     fig = Figure(figsize=(6.5, 4.5), layout="constrained")
     ax = fig.add_subplot()
     history = history.assign(population=[analysis.population(t) for t in history["towers"]])
-    for i, (name, rows) in enumerate(history.groupby("population", sort=False)):
+    groups = history.groupby("population", sort=False)
+    for i, name in enumerate(label_order(history["population"])):  # regular end first
+        rows = groups.get_group(name)
         models = rows.groupby(["towers", "epoch"], sort=False)[metric].mean().unstack("towers")
         color, n = COLORS[i % len(COLORS)], models.shape[1]
         if n > 1:

@@ -13,9 +13,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from towerspace import memory
-from towerspace.block import Complexity, TowerConv2d, divisors
+from towerspace.block import Complexity, TowerConv2d
 from towerspace.impls import IMPLS, Chooser, candidates
 from towerspace.timing import sync, time_interleaved
+from towerspace.towers import divisors
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -8,9 +8,9 @@ from typing import Any
 import pandas as pd
 import torch
 
-from towerspace.block import divisors, regime, tower_complexity
+from towerspace.block import tower_complexity
 from towerspace.models import xception
-from towerspace.towers import TowerSpec, TowerSpecLike, position, realized_towers
+from towerspace.towers import TowerSpec, TowerSpecLike, divisors, position, realized_towers, regime
 
 
 def parse_points(text: str) -> list[TowerSpecLike]:

@@ -1,20 +1,37 @@
-"""Tower schedules: which tower count every tower site of a model gets."""
+"""Tower counts and schedules: which tower count every tower site of a model gets, and the
+labels tables and plots give them (made, read back and ordered here)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
-
-from towerspace.block import TowerConv2d, divisors, regime
 from towerspace.errors import TowerSpecError
+
+if TYPE_CHECKING:  # torch is imported by what builds models, not by what reads labels
+    from torch import nn
 
 KINDS = ("towers", "group_width", "position")
 SNAPS = ("nearest", "strict")
+
+
+def divisors(n: int) -> list[int]:
+    """All positive divisors of n, ascending."""
+    small = [d for d in range(1, int(n**0.5) + 1) if n % d == 0]
+    return sorted(set(small + [n // d for d in small]))
+
+
+def regime(towers: int, channels: int) -> str:
+    """Where a tower count sits: regular (1 tower), depthwise (1 per channel) or Inception-style."""
+    if towers == channels:
+        return "depthwise"
+    if towers == 1:
+        return "regular"
+    return "inception"
 
 
 @dataclass(frozen=True)
@@ -157,13 +174,90 @@ class TowerSchedule:
                 raise TowerSpecError(f"tower override {prefix!r} matches no tower site{hint}")
 
     def label(self) -> str:
-        """Short text for tables: the default spec, plus '+N overrides'."""
-        head = f"random/{self.layer_seed}" if self.layer_seed is not None else self.default.label()
-        return head + (f" +{len(self.overrides)} overrides" if self.overrides else "")
+        """The schedule as tables and plots label it (see tower_label)."""
+        return tower_label(self.default, self.layer_seed, self.overrides)
+
+
+SAMPLED = "random/"  # a label's head for a model drawn from a population (layer_seed)
+_HEAD_RANK = {"towers": 0, "group_width": 1, "position": 2, "sampled": 3}
+
+
+def tower_label(
+    towers: TowerSpecLike,
+    layer_seed: int | None = None,
+    overrides: Mapping[str, TowerSpecLike] | None = None,
+) -> str:
+    """A model's towers as tables and plots name them: '4', 'depthwise', 'gw8', 't=0.50' or
+    'random/3', then ' [site=spec, ...]' for overrides (the one place labels are made)."""
+    head = f"{SAMPLED}{layer_seed}" if layer_seed is not None else TowerSpec.parse(towers).label()
+    if not overrides:
+        return head
+    parts = ", ".join(f"{site}={TowerSpec.parse(v).label()}" for site, v in overrides.items())
+    return f"{head} [{parts}]"
+
+
+@dataclass(frozen=True)
+class TowerLabel:
+    """A tower label read back: its head (a spec's label or 'random/<seed>') and overrides."""
+
+    head: str
+    overrides: str = ""  # 'entry=2, middle=4', as written between the brackets
+
+    @classmethod
+    def parse(cls, text: object) -> TowerLabel:
+        """The parts of a label made by tower_label (any other text is all head)."""
+        label = str(text).strip()
+        head, bracket, rest = label.partition(" [")
+        if bracket and rest.endswith("]"):
+            return cls(head, rest[:-1])
+        return cls(label)
+
+    def __str__(self) -> str:
+        return f"{self.head} [{self.overrides}]" if self.overrides else self.head
+
+    @property
+    def sampled(self) -> bool:
+        """Whether the model was drawn from a population (a layer seed), not asked for."""
+        seed = self.head.removeprefix(SAMPLED)
+        return self.head.startswith(SAMPLED) and seed.isdigit()
+
+    def population(self) -> str:
+        """'sampled models' (with any overrides) for a drawn model, else the label itself."""
+        if not self.sampled:
+            return str(self)
+        return str(TowerLabel("sampled models", self.overrides))
+
+    def order(self) -> tuple:
+        """A sort key from regular to depthwise: counts up, group widths down, positions up,
+        then sampled models; within one head, by overrides."""
+        kind, value = self._kind_value()
+        return (_HEAD_RANK[kind], value, self.head, self.overrides)
+
+    def _kind_value(self) -> tuple[str, float]:
+        head = self.head
+        if self.sampled:
+            return "sampled", float(head.removeprefix(SAMPLED))
+        if head in ("regular", "depthwise"):
+            return "towers", 1.0 if head == "regular" else math.inf
+        if head.isdigit():
+            return "towers", float(head)
+        if head.startswith("gw") and head[2:].isdigit():
+            return "group_width", -float(head[2:])
+        if head.startswith("t="):
+            with contextlib.suppress(ValueError):
+                return "position", float(head[2:])
+        return "sampled", math.inf  # not a label towerspace makes: last
+
+
+def label_order(labels: Iterable[object]) -> list[str]:
+    """Distinct labels from regular to depthwise (the order tables and plots use)."""
+    return sorted({str(x) for x in labels}, key=lambda x: TowerLabel.parse(x).order())
 
 
 def realized_towers(model: nn.Module) -> dict[str, dict[str, Any]]:
     """Every TowerConv2d of a model: site name → channels, towers, group width, regime."""
+    from towerspace.block import TowerConv2d
+
     return {
         name: {
             "channels": m.spatial_channels,

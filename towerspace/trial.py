@@ -17,10 +17,10 @@ from towerspace.config import ExperimentConfig, apply, to_dict
 from towerspace.files import write_json
 from towerspace.models import build_model, complexity
 from towerspace.results import read_record
-from towerspace.towers import TowerSpec, realized_towers
+from towerspace.status import Status
+from towerspace.towers import realized_towers, tower_label
 from towerspace.train import Diverged, Trainer, choose_device, seed_everything
 
-STATUSES = ("running", "finished", "stopped", "diverged", "error")
 CHECKPOINT = "trainer.pt"
 
 
@@ -40,19 +40,6 @@ def provenance() -> dict[str, str | None]:
     except (OSError, subprocess.SubprocessError):
         commit = None
     return {"version": towerspace.__version__, "git_commit": commit}
-
-
-def tower_label(cfg: ExperimentConfig) -> str:
-    """What the trial asked for, as plots and tables label it."""
-    model = cfg.model
-    if model.layer_seed is not None:
-        label = f"random/{model.layer_seed}"
-    else:
-        label = TowerSpec.parse(model.towers).label()
-    if model.overrides:
-        parts = ", ".join(f"{k}={TowerSpec.parse(v).label()}" for k, v in model.overrides.items())
-        label = f"{label} [{parts}]"
-    return label
 
 
 def one_line(err: BaseException) -> str:
@@ -78,11 +65,12 @@ def failed_record(
     """The record of a trial that failed before it had one (data, model or device setup)."""
     try:
         trial_cfg = apply(cfg, point)
-        towers = tower_label(trial_cfg)
+        model = trial_cfg.model
+        towers = tower_label(model.towers, model.layer_seed, model.overrides)
     except ValueError:
         trial_cfg, towers = cfg, str(point.get("model.towers", "?"))
     return {
-        "experiment": cfg.name, "trial_id": trial_id, "status": "error", "seed": seed,
+        "experiment": cfg.name, "trial_id": trial_id, "status": Status.ERROR, "seed": seed,
         "point": dict(point), "towers": towers, "order": trial_cfg.model.order,
         "mid": trial_cfg.model.mid, "match": trial_cfg.model.match,
         "width": trial_cfg.model.width, "data": trial_cfg.data.name,
@@ -141,10 +129,10 @@ class Trial:
         return {
             "experiment": cfg.name,
             "trial_id": trial_id,
-            "status": "running",
+            "status": Status.RUNNING,
             "seed": seed,
             "point": dict(point),
-            "towers": tower_label(cfg),
+            "towers": tower_label(cfg.model.towers, cfg.model.layer_seed, cfg.model.overrides),
             "order": cfg.model.order,
             "mid": cfg.model.mid,
             "match": cfg.model.match,
@@ -194,12 +182,12 @@ class Trial:
                 self._update(metrics)
                 yield metrics
         except Diverged as err:
-            self.finish("diverged", str(err))
+            self.finish(Status.DIVERGED, str(err))
             return
         except Exception as err:
-            self.finish("error", one_line(err))
+            self.finish(Status.ERROR, one_line(err))
             raise
-        self.finish("finished")
+        self.finish(Status.FINISHED)
 
     def _update(self, metrics: Mapping[str, float]) -> None:
         history = self.record["history"]
@@ -238,7 +226,7 @@ class Trial:
         with torch.no_grad():  # diverge for real: the next loss is NaN and the trainer stops
             next(self.model.parameters()).fill_(math.nan)
 
-    def finish(self, status: str, error: str | None = None) -> None:
+    def finish(self, status: Status, error: str | None = None) -> None:
         """Close the record with a final status."""
         self.record.update(status=status, error=error)
         self._write()
