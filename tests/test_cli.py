@@ -68,7 +68,7 @@ def test_a_real_process_exits_2_without_a_traceback():
 def test_progress_prints_epochs_of_long_trials_at_most_every_interval(capsys):
     from types import SimpleNamespace
 
-    from towerspace.sweep import Progress
+    from towerspace.sweep.tuner import Progress
 
     trial = SimpleNamespace(config={"model.towers": 4, "seed": 0}, last_result={})
     quiet, chatty = Progress(total=2, every_s=3600), Progress(total=2, every_s=0)

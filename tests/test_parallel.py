@@ -13,7 +13,8 @@ from towerspace import config, results
 from towerspace import data as datasets
 from towerspace.models import xception
 from towerspace.parallel import GlobalBatchNorm2d, shard, synchronise_batchnorm
-from towerspace.sweep import TRAIN_RUNS, run_sweep
+from towerspace.sweep import run_sweep
+from towerspace.sweep.state import TRAIN_RUNS
 from towerspace.train import TrainConfig, Trainer
 
 REPO = Path(__file__).resolve().parent.parent

@@ -202,19 +202,19 @@ def test_an_empty_class_folder_is_refused_before_launch(tmp_path, capsys):
 
 
 def test_an_address_where_nothing_listens_is_refused_after_a_bounded_wait(monkeypatch, capsys):
-    from towerspace import sweep
+    from towerspace.sweep import cluster
 
-    monkeypatch.setattr(sweep, "ADDRESS_WAIT_S", 1.0)
+    monkeypatch.setattr(cluster, "ADDRESS_WAIT_S", 1.0)
     start = time.monotonic()
     with pytest.raises(config.ConfigError) as refused:
-        sweep.check_address("127.0.0.1:9")
+        cluster.check_address("127.0.0.1:9")
     assert time.monotonic() - start < 10
     assert str(refused.value) == (
         "--address 127.0.0.1:9: nothing answers there after 1 s (Connection refused); start the "
         "cluster (ray start --head) or check the address"
     )
     with pytest.raises(config.ConfigError, match="allowed: HOST:PORT of a Ray head"):
-        sweep.check_address("nowhere")
+        cluster.check_address("nowhere")
 
 
 def test_a_bug_is_reported_as_one_with_its_traceback_and_exit_1(monkeypatch, capsys):

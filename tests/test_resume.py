@@ -42,7 +42,7 @@ def _checkpointed(storage: Path, trial_id: str) -> int:
     """The epoch of a trial's newest complete checkpoint on disk (0: none yet)."""
     import torch
 
-    from towerspace.sweep import newest_checkpoint, trial_folder
+    from towerspace.sweep.checkpoints import newest_checkpoint, trial_folder
 
     found = newest_checkpoint(None, trial_folder(storage / "digits_continuum", trial_id))
     if found is None:
@@ -192,7 +192,7 @@ def test_a_sweep_from_before_a_new_field_resumes_when_the_field_has_its_default(
     from towerspace import config
     from towerspace.config import ConfigError
     from towerspace.errors import StorageError
-    from towerspace.sweep import EXPERIMENT_FILE, _comparable, plan_storage
+    from towerspace.sweep.state import EXPERIMENT_FILE, _comparable, plan_storage
 
     cfg = config.load_experiment(EXPERIMENT, SETS)
     sweep_dir = tmp_path / "digits_continuum"
@@ -213,7 +213,7 @@ def test_a_trial_continues_from_its_newest_complete_checkpoint_even_if_ray_knows
     import torch
     from ray import tune
 
-    from towerspace.sweep import newest_checkpoint
+    from towerspace.sweep.checkpoints import newest_checkpoint
 
     trial_dir = tmp_path / "run_trial_x"
     for epoch in (3, 4, 5):
@@ -230,7 +230,7 @@ def test_a_trial_continues_from_its_newest_complete_checkpoint_even_if_ray_knows
 
 
 def test_old_checkpoints_are_pruned_only_when_no_saved_state_can_name_them(tmp_path):
-    from towerspace.sweep import prune
+    from towerspace.sweep.checkpoints import prune
 
     for k in range(5):
         (tmp_path / f"checkpoint_00000{k}").mkdir()

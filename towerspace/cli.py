@@ -17,6 +17,8 @@ from towerspace.errors import UserError
 if TYPE_CHECKING:  # a command imports what it uses when it runs: --help loads no torch
     import pandas as pd
 
+    from towerspace import results
+
 CONFIRM_HOURS = 24.0  # a sweep estimated above this many device-hours asks before it starts
 CONFIRM_ENV = "TOWERSPACE_CONFIRM_HOURS"
 
@@ -86,7 +88,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def _experiment(args: argparse.Namespace):
     """The experiment a command names, with its --set overrides, cut down by --smoke."""
-    from towerspace import config  # config loads fast; Ray loads with the sweep module only
+    from towerspace import config  # config loads fast; Ray loads with the sweep package only
 
     overrides = [*(config.SMOKE_OVERRIDES if args.smoke else ()), *args.set]
     cfg = config.load_experiment(args.experiment, overrides)
@@ -111,7 +113,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     counts = ", ".join(f"{n} {status}" for status, n in sorted(outcome.statuses.items()))
     print(f"\n{cfg.name}: {sum(outcome.statuses.values())} trials ({counts})")
     _print_failures(outcome.results_path)
-    _report(outcome.sweep_dir)
+    _report(outcome.sweep_dir, tables=outcome.tables)  # the tables the sweep wrote
     if outcome.unfinished:
         print(f"{cfg.name}: interrupted with {outcome.unfinished} trials unfinished; the same "
               f"command with --resume continues them", file=sys.stderr)  # fmt: skip
@@ -267,10 +269,10 @@ def _shown(path: Path) -> Path:
         return path
 
 
-def _report(sweep_dir: Path, out: Path | None = None) -> None:
+def _report(sweep_dir: Path, out: Path | None = None, tables: results.Tables | None = None) -> None:
     from towerspace.report import write_report
 
-    report = write_report(sweep_dir, out=out)
+    report = write_report(sweep_dir, out=out, tables=tables)
     for note in report.warnings:
         print(f"towerspace: warning: {note}", file=sys.stderr)
     if not report.summary.empty:

@@ -1,8 +1,7 @@
-"""A sweep's report: its tables rebuilt from the records, and every plot as PNG and SVG."""
+"""A sweep's report: its tables built from the records, and every plot as PNG and SVG."""
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,9 +22,15 @@ class Report:
     warnings: list[str]  # damaged records, trials left out
 
 
-def write_report(sweep_dir: Path, out: Path | None = None) -> Report:
+def write_report(
+    sweep_dir: Path, out: Path | None = None, tables: results.Tables | None = None
+) -> Report:
     """Rebuild the tables of a sweep directory and draw its figures into <folder>/plots/, where
-    folder is out if given (nothing is then written in the sweep directory), else sweep_dir."""
+    folder is out if given (nothing is then written in the sweep directory), else sweep_dir.
+
+    A sweep passes the tables it has just written (with their notes) as tables: they are read,
+    not written a second time.
+    """
     sweep_dir = Path(sweep_dir)
     folder = Path(out) if out is not None else sweep_dir
     if not files.writable(folder) or (
@@ -37,11 +42,10 @@ def write_report(sweep_dir: Path, out: Path | None = None) -> Report:
             else "; pass --out FOLDER to write the tables and figures elsewhere"
         )
         raise StorageError(f"{folder}: not writable{hint}")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", results.DamagedRecord)
-        results_path, history_path = results.write_tables(sweep_dir, out=out)
-    notes = [str(w.message) for w in caught if issubclass(w.category, results.DamagedRecord)]
-    table, history = pd.read_parquet(results_path), pd.read_parquet(history_path)
+    if tables is None:
+        tables = results.write_tables_noting(sweep_dir, out=out)
+    notes = list(tables.notes)
+    table, history = pd.read_parquet(tables.results_path), pd.read_parquet(tables.history_path)
     finished = table[table["status"] == "finished"]
     left_out = analysis.excluded(table)
     if left_out:

@@ -7,6 +7,7 @@ import os
 import re
 import stat
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -207,6 +208,24 @@ def write_tables(sweep_dir: Path, out: Path | None = None) -> tuple[Path, Path]:
                         (history_path, history_table(records))):  # fmt: skip
         files.write_atomic(path, lambda tmp, t=table: t.to_parquet(tmp, index=False), root=root)
     return results_path, history_path
+
+
+@dataclass(frozen=True)
+class Tables:
+    """A sweep's tables as written, and what was wrong with the records they were built from."""
+
+    results_path: Path
+    history_path: Path
+    notes: tuple[str, ...] = ()  # damaged or missing trial records, left out of the tables
+
+
+def write_tables_noting(sweep_dir: Path, out: Path | None = None) -> Tables:
+    """write_tables, with its DamagedRecord warnings kept as notes for the caller to show."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", DamagedRecord)
+        results_path, history_path = write_tables(sweep_dir, out=out)
+    notes = tuple(str(w.message) for w in caught if issubclass(w.category, DamagedRecord))
+    return Tables(results_path, history_path, notes)
 
 
 def _read_parquet(path: Path, rebuild) -> pd.DataFrame:

@@ -1,0 +1,162 @@
+"""Launching a sweep: checks, the driver's lock, Ray, the Tuner's run, then records and tables."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import ray
+from ray import tune
+
+from towerspace import results
+from towerspace import storage as storage_lib
+from towerspace.config import ExperimentConfig, apply
+from towerspace.models.builders import absolute_builder
+from towerspace.sweep.cluster import check_resources, init_ray, trial_resources
+from towerspace.sweep.disk import (
+    DiskWatch,
+    disk_full_error,
+    no_space,
+    reserve_space,
+    shown,
+    stopped_by_full_disk,
+)
+from towerspace.sweep.preflight import preflight
+from towerspace.sweep.state import (
+    close_records,
+    create_storage,
+    mark,
+    plan_storage,
+    resolve_storage,
+    restore_tuner,
+)
+from towerspace.sweep.trainable import run_trial
+from towerspace.sweep.tuner import Progress, count_trials, make_tuner, param_space
+from towerspace.trial import provenance
+
+
+@dataclass(frozen=True)
+class SweepOutcome:
+    """Where a finished sweep's tables are, and how its trials ended."""
+
+    sweep_dir: Path
+    tables: results.Tables  # written once, by the sweep: its report draws from them
+    statuses: dict[str, int]
+    unfinished: int = 0  # trials an interruption left running or pending (--resume continues)
+
+    @property
+    def results_path(self) -> Path:
+        """The sweep's results.parquet: one row per trial."""
+        return self.tables.results_path
+
+    @property
+    def history_path(self) -> Path:
+        """The sweep's history.parquet: one row per trial and epoch."""
+        return self.tables.history_path
+
+    @property
+    def failed(self) -> int:
+        """Trials that ended in error or diverged."""
+        return self.statuses.get("error", 0) + self.statuses.get("diverged", 0)
+
+
+def run_sweep(
+    cfg: ExperimentConfig,
+    *,
+    storage: str | Path,
+    address: str | None = None,
+    restart: bool = False,
+    resume: bool = False,
+    retry_errored: bool = False,
+    confirm: Callable[[ExperimentConfig], None] | None = None,
+) -> SweepOutcome:
+    """Run (or resume) every trial of an experiment on Ray Tune and write its results tables.
+
+    One driver at a time: the sweep folder is locked from the checks to the tables.
+    """
+    started = time.time()
+    preflight(cfg, address)
+    storage = resolve_storage(storage)
+    cfg = _absolute_paths(cfg)
+    sweep_dir = plan_storage(cfg, storage, restart, resume)
+    with storage_lib.DriverLock(sweep_dir, "--resume" if resume else "sweep"):
+        plan_storage(cfg, storage, restart, resume, probe=False)  # as it is now, under the lock
+        if confirm is not None and not resume:  # checked input, nothing started: ask about cost
+            confirm(cfg)
+        init_ray(address)
+        check_resources(cfg)
+        if not resume:
+            removed = create_storage(cfg, sweep_dir, restart)
+            if removed:
+                print(f"{cfg.name}: --restart removed the old sweep's {len(removed)} entries "
+                      f"from {shown(sweep_dir)}: {_listing(removed)}", flush=True)  # fmt: skip
+        return _run(cfg, sweep_dir, resume, retry_errored, started)
+
+
+def _run(cfg: ExperimentConfig, sweep_dir: Path, resume: bool, retry_errored: bool,
+         started: float) -> SweepOutcome:  # fmt: skip
+    """Launch (or restore) the Tuner, close the records and write the tables."""
+    records_dir = sweep_dir / results.RECORDS
+    # a resume retries the trials a full disk ended; the others keep their errors unless asked
+    retry = retry_errored or (resume and stopped_by_full_disk(records_dir))
+    keep_errors_before = started if retry and not retry_errored else None
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, base=cfg, records=str(records_dir), origin=provenance(),
+                             keep_errors_before=keep_errors_before),
+        trial_resources(cfg),
+    )  # fmt: skip
+    total = count_trials(cfg.space, cfg.seeds)
+    cluster = ray.cluster_resources()
+    verb = "resuming" if resume else "running"
+    print(f"{cfg.name}: {verb} {total} trials on {cluster.get('CPU', 0):g} CPUs and "
+          f"{cluster.get('GPU', 0):g} GPUs, in {shown(sweep_dir)}", flush=True)  # fmt: skip
+    watch = DiskWatch(sweep_dir)
+    if resume:
+        params = param_space(cfg.space, cfg.seeds)
+        tuner = restore_tuner(sweep_dir, trainable, params, retry, [Progress(total), watch])
+    else:
+        tuner = make_tuner(cfg, trainable, sweep_dir.parent, total, watch)
+    reserve = reserve_space(sweep_dir)
+    try:
+        grid = tuner.fit()
+    except Exception as err:
+        if watch.full or storage_lib.disk_full(err) or no_space(sweep_dir):
+            raise disk_full_error(sweep_dir) from None
+        raise
+    finally:  # its space is what the records and tables are closed with on a full disk
+        reserve.unlink(missing_ok=True)
+    unfinished = close_records(grid, records_dir, cfg)
+    if watch.full:  # whatever Ray's saved state says: a record that ran says so itself
+        for path in records_dir.glob("*.json"):
+            mark(path, "error", storage_lib.NO_SPACE)
+    try:  # damaged records: kept as notes, named by whoever reads the tables
+        tables = results.write_tables_noting(sweep_dir)
+    except OSError as err:
+        if storage_lib.disk_full(err):
+            raise disk_full_error(sweep_dir) from None
+        raise
+    if watch.full:
+        raise disk_full_error(sweep_dir)
+    statuses = Counter(pd.read_parquet(tables.results_path)["status"])
+    return SweepOutcome(sweep_dir, tables, dict(statuses), unfinished)
+
+
+def _absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
+    """The config with its files as absolute paths: trials run in working directories of
+    their own."""
+    if cfg.data.root is not None:
+        cfg = apply(cfg, {"data.root": str(Path(cfg.data.root).expanduser().resolve())})
+    if cfg.model.builder is not None:
+        cfg = apply(cfg, {"model.builder": absolute_builder(cfg.model.builder)})
+    if cfg.model.init_from is not None:
+        cfg = apply(cfg, {"model.init_from": str(Path(cfg.model.init_from).resolve())})
+    return cfg
+
+
+def _listing(names: list[str], at_most: int = 6) -> str:
+    more = f" and {len(names) - at_most} more" if len(names) > at_most else ""
+    return ", ".join(names[:at_most]) + more

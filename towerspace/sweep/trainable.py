@@ -1,0 +1,188 @@
+"""One trial on Ray Tune: the trainable, on one process or data-parallel (Ray Train)."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import gc
+import math
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from ray import train, tune
+from ray.train.torch import TorchTrainer
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.search.repeater import TRIAL_INDEX
+
+from towerspace import results
+from towerspace import storage as storage_lib
+from towerspace.config import ExperimentConfig, apply, from_dict, to_dict
+from towerspace.files import write_json
+from towerspace.impls import share_choices
+from towerspace.sweep.checkpoints import newest_checkpoint, prune, trial_folder
+from towerspace.sweep.disk import RESERVE
+from towerspace.sweep.state import TRAIN_RUNS
+from towerspace.trial import Trial, failed_record, one_line
+
+IMPL_CHOICES = "impl_choices.json"  # impl: auto: the kernels chosen for the sweep, by layer shape
+
+
+def run_trial(
+    config: dict[str, Any],
+    *,
+    base: ExperimentConfig,
+    records: str,
+    origin: dict,
+    keep_errors_before: float | None = None,
+):
+    """Ray Tune's trainable: a thin adapter that reports each epoch with a checkpoint.
+
+    Whatever stage a trial fails at, its record says so (a row in the tables). With
+    keep_errors_before (a resume that retries only what a full disk ended), a trial that
+    ended in another error before then fails again at once, keeping that error.
+    """
+    point = {k: v for k, v in config.items() if k not in ("seed", TRIAL_INDEX)}
+    seed = config["seed"] if "seed" in config else base.seeds[config.get(TRIAL_INDEX, 0)]
+    trial_id = tune.get_context().get_trial_id()
+    record_path = Path(records) / f"{trial_id}.json"
+    done = _finished_record(record_path)
+    if done is not None:  # finished before a kill that Ray's saved state did not see: keep it
+        tune.report(done["history"][-1])
+        return
+    kept = _kept_error(record_path, keep_errors_before)
+    if kept is not None:
+        raise RuntimeError(f"{kept} (kept from before this resume; --retry-errored retries it)")
+    job = {"seed": seed, "trial_id": trial_id, "point": point, "record_path": record_path,
+           "origin": origin}  # fmt: skip
+    try:
+        _run_trial(apply(base, point), job, Path(records).parent)
+    except Exception as err:
+        with contextlib.suppress(OSError):  # a full disk: the record stays as it was
+            record_failure(base, job, err)
+        raise
+
+
+def _run_trial(cfg: ExperimentConfig, job: dict[str, Any], sweep_dir: Path) -> None:
+    if cfg.model.impl == "auto":  # every trial of the sweep (and its resume) runs the same kernels
+        share_choices(sweep_dir / IMPL_CHOICES)
+    if cfg.resources.workers > 1:
+        _run_data_parallel(cfg, job)
+        return
+    torch.set_num_threads(max(1, math.ceil(cfg.resources.cpus)))
+    trial = Trial(cfg, **job)
+    folder = trial_folder(sweep_dir, job["trial_id"])
+    checkpoint = newest_checkpoint(tune.get_checkpoint(), folder)
+    try:
+        _train(trial, cfg, checkpoint, tune.report, tune.Checkpoint, lambda: prune(folder),
+               reserve=sweep_dir / RESERVE)  # fmt: skip
+    finally:  # workers are reused across trials: leave nothing behind for the next one
+        del trial
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _finished_record(path: Path) -> dict | None:
+    try:
+        record = results.read_record(path)
+    except (OSError, ValueError):
+        return None
+    return record if record["status"] == "finished" and record.get("history") else None
+
+
+def _kept_error(path: Path, before: float | None) -> str | None:
+    """The error of a trial that ended in one (not a full disk's) before `before`, or None."""
+    if before is None:
+        return None
+    try:
+        record = results.read_record(path)
+        if path.stat().st_mtime >= before or record.get("status") != "error":
+            return None
+    except (OSError, ValueError):
+        return None
+    error = record.get("error") or "error"
+    return None if storage_lib.disk_full_text(error) else error
+
+
+def record_failure(base: ExperimentConfig, job: dict[str, Any], err: BaseException) -> None:
+    """Close a trial's record as an error, whatever stage it failed at (a record that already
+    has its final status keeps it)."""
+    path = job["record_path"]
+    try:
+        record = results.read_record(path)
+    except (OSError, ValueError):
+        known = {k: job[k] for k in ("seed", "trial_id", "point", "origin")}
+        record = failed_record(base, err=err, **known)
+    if record.get("status") not in (None, "running"):
+        return
+    record.update(status="error", error=record.get("error") or one_line(err))
+    write_json(path, record)
+
+
+def _train(
+    trial: Trial,
+    cfg: ExperimentConfig,
+    checkpoint,
+    report,
+    checkpoint_cls,
+    after_report=None,
+    reserve: Path | None = None,
+) -> None:
+    """Continue from a checkpoint, then report every epoch with one (Tune's or Train's API);
+    with reserve, stop before a checkpoint once the driver has freed that file (disk full)."""
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            trial.load_checkpoint(Path(directory))
+    for metrics in trial.epochs():
+        if reserve is not None and not reserve.exists():  # the driver freed it: disk full
+            raise OSError(errno.ENOSPC, f"{storage_lib.NO_SPACE} (the sweep is stopping)")
+        with tempfile.TemporaryDirectory() as directory:
+            saved = None
+            if trial.rank == 0:  # data-parallel workers hold the same weights: one copy
+                trial.save_checkpoint(Path(directory))
+                saved = checkpoint_cls.from_directory(directory)
+            report(metrics, checkpoint=saved)
+        if after_report is not None:
+            after_report()
+    if trial.record["status"] == "diverged":  # never the best: searchers see the worst value
+        worst = -math.inf if cfg.space.mode == "max" else math.inf
+        report({cfg.space.metric: worst, "diverged": 1})
+
+
+def _run_data_parallel(cfg: ExperimentConfig, job: dict[str, Any]) -> None:
+    """A trial on several workers: Ray Train's TorchTrainer (DDP: NCCL on GPUs, gloo on CPU).
+
+    Its run is named after the trial and kept beside the records, so a retried or resumed
+    trial continues from the run's last checkpoint; metrics reach Tune from worker 0.
+    """
+    res = cfg.resources
+    per_worker = {"CPU": res.cpus, **({"GPU": res.gpus} if res.gpus else {})}
+    trainer = TorchTrainer(
+        _train_worker,
+        train_loop_config={"config": to_dict(cfg), **job, "record_path": str(job["record_path"])},
+        scaling_config=train.ScalingConfig(num_workers=res.workers, use_gpu=res.gpus > 0,
+                                           resources_per_worker=per_worker),
+        run_config=train.RunConfig(
+            name=job["trial_id"],
+            storage_path=str(Path(job["record_path"]).parent.parent / TRAIN_RUNS),
+            callbacks=[TuneReportCallback()],
+            failure_config=train.FailureConfig(max_failures=cfg.retries),
+            checkpoint_config=train.CheckpointConfig(num_to_keep=1),
+        ),
+    )  # fmt: skip
+    trainer.fit()
+
+
+def _train_worker(loop_config: dict[str, Any]) -> None:
+    """One data-parallel worker of a trial (torch.distributed is set up by Ray Train)."""
+    context = train.get_context()
+    cfg = from_dict(loop_config["config"])
+    torch.set_num_threads(max(1, math.ceil(cfg.resources.cpus)))
+    if cfg.model.impl == "auto":
+        share_choices(Path(loop_config["record_path"]).parent.parent / IMPL_CHOICES)
+    job = {k: loop_config[k] for k in ("seed", "trial_id", "point", "origin")}
+    trial = Trial(cfg, **job, record_path=Path(loop_config["record_path"]),
+                  rank=context.get_world_rank(), world_size=context.get_world_size())  # fmt: skip
+    _train(trial, cfg, train.get_checkpoint(), train.report, train.Checkpoint)
