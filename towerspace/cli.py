@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, TextIO
 
 from towerspace.choices import DEVICES, MATCHES, MIDS, ORDERS, STEMS
 from towerspace.errors import UserError
+from towerspace.status import FAILED
 
 if TYPE_CHECKING:  # a command imports what it uses when it runs: --help loads no torch
     import pandas as pd
@@ -107,8 +108,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     outcome = sweep.run_sweep(
         cfg, storage=storage, address=args.address, restart=args.restart, resume=args.resume,
         retry_errored=args.retry_errored,  # a resumed sweep was confirmed when it started
-        confirm=lambda checked: _confirm_cost(checked, args.throughput, threshold, yes=args.yes,
-                                              stdin=sys.stdin),
+        confirm=lambda checked, built: _confirm_cost(checked, args.throughput, threshold,
+                                                     yes=args.yes, stdin=sys.stdin, built=built),
     )  # fmt: skip
     counts = ", ".join(f"{n} {status}" for status, n in sorted(outcome.statuses.items()))
     print(f"\n{cfg.name}: {sum(outcome.statuses.values())} trials ({counts})")
@@ -126,7 +127,7 @@ def _print_failures(results_path: Path) -> None:
     import pandas as pd
 
     table = pd.read_parquet(results_path)
-    failed = table[table["status"].isin(["error", "diverged"])]
+    failed = table[table["status"].isin(FAILED)]
     for row in failed.itertuples(index=False):
         print(f"  {row.status:8} towers={row.towers} seed={row.seed} ({row.trial_id}): "
               f"{row.error}")  # fmt: skip
@@ -147,12 +148,14 @@ def _confirm_threshold(option: float | None) -> float:
 
 
 def _confirm_cost(
-    cfg, throughput: str | None, threshold: float, *, yes: bool, stdin: TextIO
+    cfg, throughput: str | None, threshold: float, *, yes: bool, stdin: TextIO, built=None
 ) -> None:
-    """Print a sweep's estimated cost; above the threshold, ask on a terminal or refuse."""
+    """Print a sweep's estimated cost; above the threshold, ask on a terminal or refuse.
+    `built`: the models the sweep's checks built (estimate.MetaModels), reused."""
     from towerspace import estimate
 
-    table = estimate.cost_table(cfg, estimate.sizes_or_given(cfg))
+    sizes = built.sizes if built is not None else estimate.sizes_or_given(cfg)
+    table = estimate.cost_table(cfg, sizes, built)
     if throughput is not None:
         rates = estimate.rates_for(table, estimate.read_throughput(throughput))
         table = estimate.add_hours(table, cfg, rates)

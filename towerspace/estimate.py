@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -72,22 +74,48 @@ def memory_estimate_mb(model: nn.Module, in_chans: int, size: int, batch: int, o
     return 4 * (states * params + batch * sum(outputs)) / 2**20
 
 
+@dataclasses.dataclass(frozen=True)
+class MetaModels:
+    """Models built once on the meta device (structure and shapes, no weights) for the data
+    sizes they were built at, by their point's model fields (model_key)."""
+
+    sizes: DataSizes
+    models: Mapping[str, nn.Module]
+
+
+def model_key(point: Mapping[str, Any]) -> str:
+    """The model fields of a point, as one text: points that build the same model share it."""
+    fields = {k: v for k, v in point.items() if k.startswith("model.")}
+    return json.dumps(fields, sort_keys=True, default=str)
+
+
+def meta_model(cfg: ExperimentConfig, point: Mapping[str, Any], sizes: DataSizes) -> nn.Module:
+    """The model at a point of cfg's space, on the meta device: no weights allocated."""
+    model_cfg = apply(cfg, point).model if point else cfg.model
+    with torch.device("meta"):
+        return build_model(model_cfg, in_chans=sizes.in_chans, num_classes=sizes.num_classes,
+                           image_size=sizes.image_size)  # fmt: skip
+
+
 def _point_label(cfg: ExperimentConfig) -> str:
     label = tower_label(cfg.model.towers, cfg.model.layer_seed, cfg.model.overrides)
     return label if cfg.space.searcher == "grid" else label + PER_SAMPLE
 
 
-def cost_table(cfg: ExperimentConfig, sizes: DataSizes) -> pd.DataFrame:
-    """One row per point: trials, parameters, training FLOPs, images and memory (meta models)."""
+def cost_table(
+    cfg: ExperimentConfig, sizes: DataSizes, built: MetaModels | None = None
+) -> pd.DataFrame:
+    """One row per point: trials, parameters, training FLOPs, images and memory (meta models;
+    those of `built` where it holds the point at these sizes)."""
     per_epoch = images_per_epoch(sizes.train_images, cfg.train.batch_size, cfg.train.max_steps)
     images = per_epoch * cfg.train.epochs
+    reuse = built.models if built is not None and built.sizes == sizes else {}
     rows = []
     for point in grid_points(cfg.space):
         point_cfg = apply(cfg, point) if point else cfg
-        with torch.device("meta"):  # structure and shapes only: no weights allocated
-            model = build_model(point_cfg.model, in_chans=sizes.in_chans,
-                                num_classes=sizes.num_classes,
-                                image_size=sizes.image_size)  # fmt: skip
+        model = reuse.get(model_key(point))
+        if model is None:
+            model = meta_model(cfg, point, sizes)
         cost = complexity(model, sizes.image_size, sizes.in_chans)  # any model
         shown = {k.split(".")[-1]: v for k, v in point.items() if k != "model.towers"}
         rows.append({

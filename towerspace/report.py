@@ -9,6 +9,7 @@ import pandas as pd
 
 from towerspace import analysis, files, plots, results
 from towerspace.errors import StorageError
+from towerspace.status import Status
 
 PLOTS = "plots"
 
@@ -46,7 +47,7 @@ def write_report(
         tables = results.write_tables_noting(sweep_dir, out=out)
     notes = list(tables.notes)
     table, history = pd.read_parquet(tables.results_path), pd.read_parquet(tables.history_path)
-    finished = table[table["status"] == "finished"]
+    finished = table[table["status"] == Status.FINISHED]
     left_out = analysis.excluded(table)
     if left_out:
         notes.append(f"left out of summaries and plots: {', '.join(left_out)}")

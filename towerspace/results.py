@@ -14,6 +14,7 @@ from typing import Any
 import pandas as pd
 
 from towerspace import files
+from towerspace.status import Status
 
 RECORDS = "records"
 RESULTS = "results.parquet"
@@ -52,7 +53,6 @@ SCHEMA: dict[str, tuple[type, ...]] = {
     "version": (str, type(None)), "git_commit": (str, type(None)),
 }  # fmt: skip
 REQUIRED = ("trial_id", "status", "seed", "towers")
-STATUSES = ("running", "finished", "stopped", "diverged", "error")
 
 
 def _type_words(types: tuple[type, ...]) -> str:
@@ -77,9 +77,9 @@ def check_record(record: Any) -> None:
         if not isinstance(value, types):
             shown = repr(value) if len(repr(value)) <= 40 else f"a {type(value).__name__}"
             raise ValueError(f"field {key!r}: expected {_type_words(types)}, got {shown}")
-    if record["status"] not in STATUSES:
+    if record["status"] not in set(Status):
         raise ValueError(f"field 'status': {record['status']!r} is not one of "
-                         f"{', '.join(STATUSES)}")  # fmt: skip
+                         f"{', '.join(Status)}")  # fmt: skip
     for site, layer in (record.get("realized") or {}).items():
         if not isinstance(layer, dict) or not all(
             isinstance(layer.get(k), NUMBER) and not isinstance(layer.get(k), bool)

@@ -14,6 +14,7 @@ from ray import tune
 from towerspace import results
 from towerspace import storage as storage_lib
 from towerspace.errors import DiskFull
+from towerspace.status import Status
 
 DISK_RESERVE = 4 * 2**20  # bytes (at most 5% of the disk): with less free a sweep stops
 RESERVE = ".space_reserve"  # a file held while trials run, removed to close a sweep on a full disk
@@ -66,7 +67,9 @@ def stopped_by_full_disk(records_dir: Path) -> bool:
     for path in records_dir.glob("*.json"):
         with contextlib.suppress(OSError, ValueError):
             record = results.read_record(path)
-            if record.get("status") == "error" and storage_lib.disk_full_text(record.get("error")):
+            if record.get("status") == Status.ERROR and storage_lib.disk_full_text(
+                record.get("error")
+            ):
                 return True
     return False
 

@@ -15,7 +15,9 @@ from ray import tune
 from towerspace import results
 from towerspace import storage as storage_lib
 from towerspace.config import ExperimentConfig, apply
+from towerspace.estimate import MetaModels
 from towerspace.models.builders import absolute_builder
+from towerspace.status import FAILED, Status
 from towerspace.sweep.cluster import check_resources, init_ray, trial_resources
 from towerspace.sweep.disk import (
     DiskWatch,
@@ -61,7 +63,7 @@ class SweepOutcome:
     @property
     def failed(self) -> int:
         """Trials that ended in error or diverged."""
-        return self.statuses.get("error", 0) + self.statuses.get("diverged", 0)
+        return sum(self.statuses.get(status, 0) for status in FAILED)
 
 
 def run_sweep(
@@ -72,21 +74,21 @@ def run_sweep(
     restart: bool = False,
     resume: bool = False,
     retry_errored: bool = False,
-    confirm: Callable[[ExperimentConfig], None] | None = None,
+    confirm: Callable[[ExperimentConfig, MetaModels], None] | None = None,
 ) -> SweepOutcome:
     """Run (or resume) every trial of an experiment on Ray Tune and write its results tables.
 
     One driver at a time: the sweep folder is locked from the checks to the tables.
     """
     started = time.time()
-    preflight(cfg, address)
+    built = preflight(cfg, address)
     storage = resolve_storage(storage)
     cfg = _absolute_paths(cfg)
     sweep_dir = plan_storage(cfg, storage, restart, resume)
     with storage_lib.DriverLock(sweep_dir, "--resume" if resume else "sweep"):
         plan_storage(cfg, storage, restart, resume, probe=False)  # as it is now, under the lock
         if confirm is not None and not resume:  # checked input, nothing started: ask about cost
-            confirm(cfg)
+            confirm(cfg, built)
         init_ray(address)
         check_resources(cfg)
         if not resume:
@@ -132,7 +134,7 @@ def _run(cfg: ExperimentConfig, sweep_dir: Path, resume: bool, retry_errored: bo
     unfinished = close_records(grid, records_dir, cfg)
     if watch.full:  # whatever Ray's saved state says: a record that ran says so itself
         for path in records_dir.glob("*.json"):
-            mark(path, "error", storage_lib.NO_SPACE)
+            mark(path, Status.ERROR, storage_lib.NO_SPACE)
     try:  # damaged records: kept as notes, named by whoever reads the tables
         tables = results.write_tables_noting(sweep_dir)
     except OSError as err:

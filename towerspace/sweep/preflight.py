@@ -8,16 +8,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from towerspace import data as datasets
 from towerspace import memory
-from towerspace.config import ConfigError, ExperimentConfig, apply
-from towerspace.models import build_model
+from towerspace.config import ConfigError, ExperimentConfig
+from towerspace.data import DataSizes
+from towerspace.estimate import MetaModels, memory_estimate_mb, meta_model, model_key, worker_batch
+from towerspace.spaces import grid_points, param_points
 
 
-def preflight(cfg: ExperimentConfig, address: str | None = None) -> None:
+def preflight(cfg: ExperimentConfig, address: str | None = None) -> MetaModels:
     """Checks that would otherwise fail inside every trial: data on disk, the device, the
-    model at every point (on the meta device) and whether a trial fits in memory."""
+    model at every point and whether a trial fits in memory. Returns the models it built on
+    the meta device, for the cost gate to reuse."""
     if cfg.data.name not in ("digits", "synthetic") and not cfg.data.download:
         root = cfg.data.root
         if root is None or not Path(root).expanduser().is_dir():
@@ -29,19 +33,19 @@ def preflight(cfg: ExperimentConfig, address: str | None = None) -> None:
     data_bytes = datasets.resident_bytes(cfg.data)  # refuses empty classes of an image folder
     if local:  # before the data is counted by loading it
         _check_fits(cfg, data_bytes, 0, cfg.data.image_size or 0)
-    shape = {"in_chans": 3, "num_classes": 10, "image_size": cfg.data.image_size or 32}
-    if cfg.model.init_from is not None or data_bytes:
-        sizes = datasets.sizes(cfg.data)  # exact channels and image size: the memory check
-        shape = {"in_chans": sizes.in_chans, "num_classes": sizes.num_classes,
-                 "image_size": sizes.image_size}  # fmt: skip
+    sizes = datasets.sizes(cfg.data)  # counted once: the trials' and the cost gate's shapes
+    models: dict[str, nn.Module] = {}
     for field, point in _points(cfg):
+        key = model_key(point)
+        if key in models:
+            continue
         try:
-            with torch.device("meta"):  # structure only: no weights allocated
-                model = build_model(apply(cfg, point).model, **shape)
+            models[key] = meta_model(cfg, point, sizes)
         except ValueError as err:
             raise ConfigError(f"{cfg.source}: {field}: {err}") from None
         if local:  # a cluster's nodes are not this machine
-            _check_memory(cfg, model, shape, data_bytes or 0)
+            _check_memory(cfg, models[key], sizes, data_bytes or 0)
+    return MetaModels(sizes, models)
 
 
 def _check_device(cfg: ExperimentConfig, local: bool) -> None:
@@ -57,14 +61,13 @@ def _check_device(cfg: ExperimentConfig, local: bool) -> None:
                           f"here (allowed: auto, cpu)")  # fmt: skip
 
 
-def _check_memory(cfg: ExperimentConfig, model, shape: dict[str, int], data_bytes: int) -> None:
+def _check_memory(cfg: ExperimentConfig, model: nn.Module, sizes: DataSizes,
+                  data_bytes: int) -> None:  # fmt: skip
     """Refuse a trial whose data and training memory (by formula) exceed this machine's (or its
     GPU's, for the training of a GPU trial)."""
-    from towerspace.estimate import memory_estimate_mb, worker_batch
-
-    train_bytes = memory_estimate_mb(model, shape["in_chans"], shape["image_size"],
-                                     worker_batch(cfg), cfg.train.optimizer) * 2**20  # fmt: skip
-    _check_fits(cfg, data_bytes, train_bytes, shape["image_size"])
+    train_bytes = memory_estimate_mb(model, sizes.in_chans, sizes.image_size, worker_batch(cfg),
+                                     cfg.train.optimizer) * 2**20  # fmt: skip
+    _check_fits(cfg, data_bytes, train_bytes, sizes.image_size)
 
 
 def _check_fits(cfg: ExperimentConfig, data_bytes: float, train_bytes: float, size: int) -> None:
@@ -93,9 +96,15 @@ def _check_fits(cfg: ExperimentConfig, data_bytes: float, train_bytes: float, si
 
 
 def _points(cfg: ExperimentConfig) -> Iterator[tuple[str, dict[str, Any]]]:
-    """The base model, then each value of each grid or choice parameter on its own."""
+    """The base model, the model fields of every grid point, then each choice value (and, in a
+    sampled space, each grid value) on its own: every model a trial can build."""
+    space = cfg.space
     yield "model", {}
-    for key, domain in cfg.space.params.items():
-        if domain.kind in ("grid", "choice") and key.startswith("model."):
-            for value in domain.values:
-                yield f"space {cfg.space.name}: {key}={value}", {key: value}
+    for point in grid_points(space):
+        fields = {k: v for k, v in point.items() if k.startswith("model.")}
+        if fields:
+            yield f"space {space.name}: " + ", ".join(f"{k}={v}" for k, v in fields.items()), fields
+    alone = ("choice",) if space.searcher == "grid" else ("grid", "choice")
+    for key, value in param_points(space, kinds=alone):
+        if key.startswith("model."):
+            yield f"space {space.name}: {key}={value}", {key: value}

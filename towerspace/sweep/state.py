@@ -24,6 +24,7 @@ from towerspace import storage as storage_lib
 from towerspace.config import ConfigError, ExperimentConfig, to_dict
 from towerspace.errors import DiskFull, StorageError
 from towerspace.files import write_json
+from towerspace.status import Status
 from towerspace.sweep.disk import no_space
 from towerspace.trial import failed_record
 
@@ -196,12 +197,18 @@ def close_records(grid: tune.ResultGrid, records_dir: Path, cfg: ExperimentConfi
             record = results.read_record(path)
         except (OSError, ValueError):  # never written (a full disk), or damaged: rebuilt
             record = _record_of(trial, cfg)
-        if record["status"] != "running":
+        if record["status"] != Status.RUNNING:
             continue
         error = trial.get_error() if trial.status == "ERROR" else None
         # a scheduler may stop a trial at its last epoch too: it ran to the end, so it finished
         ran_out = record.get("epochs_run", 0) >= record.get("epochs_planned", math.inf)
-        status = "error" if trial.status == "ERROR" else "finished" if ran_out else "stopped"
+        status = (
+            Status.ERROR
+            if trial.status == "ERROR"
+            else Status.FINISHED
+            if ran_out
+            else Status.STOPPED
+        )
         message = str(error).strip().splitlines()[-1] if error else None
         record.update(status=status, error=record.get("error") or message)
         with contextlib.suppress(OSError):  # a full disk: the tables are rebuilt from the rest
@@ -215,12 +222,12 @@ def _record_of(trial, cfg: ExperimentConfig) -> dict[str, Any]:
     point = {k: v for k, v in config.items() if k not in ("seed", TRIAL_INDEX)}
     seed = config["seed"] if "seed" in config else cfg.seeds[config.get(TRIAL_INDEX, 0)]
     return failed_record(cfg, seed=seed, trial_id=trial.trial_id, point=point, origin={},
-                         err=None) | {"status": "running"}  # fmt: skip
+                         err=None) | {"status": Status.RUNNING}  # fmt: skip
 
 
 def mark(path: Path, status: str, error: str) -> None:
     """Set a running trial's record to a final status, where the disk still allows it."""
     with contextlib.suppress(OSError, ValueError):
         record = results.read_record(path)
-        if record.get("status") == "running":
+        if record.get("status") == Status.RUNNING:
             write_json(path, {**record, "status": status, "error": error})

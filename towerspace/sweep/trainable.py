@@ -21,6 +21,7 @@ from towerspace import storage as storage_lib
 from towerspace.config import ExperimentConfig, apply, from_dict, to_dict
 from towerspace.files import write_json
 from towerspace.impls import share_choices
+from towerspace.status import Status
 from towerspace.sweep.checkpoints import newest_checkpoint, prune, trial_folder
 from towerspace.sweep.disk import RESERVE
 from towerspace.sweep.state import TRAIN_RUNS
@@ -89,7 +90,7 @@ def _finished_record(path: Path) -> dict | None:
         record = results.read_record(path)
     except (OSError, ValueError):
         return None
-    return record if record["status"] == "finished" and record.get("history") else None
+    return record if record["status"] == Status.FINISHED and record.get("history") else None
 
 
 def _kept_error(path: Path, before: float | None) -> str | None:
@@ -98,7 +99,7 @@ def _kept_error(path: Path, before: float | None) -> str | None:
         return None
     try:
         record = results.read_record(path)
-        if path.stat().st_mtime >= before or record.get("status") != "error":
+        if path.stat().st_mtime >= before or record.get("status") != Status.ERROR:
             return None
     except (OSError, ValueError):
         return None
@@ -115,9 +116,9 @@ def record_failure(base: ExperimentConfig, job: dict[str, Any], err: BaseExcepti
     except (OSError, ValueError):
         known = {k: job[k] for k in ("seed", "trial_id", "point", "origin")}
         record = failed_record(base, err=err, **known)
-    if record.get("status") not in (None, "running"):
+    if record.get("status") not in (None, Status.RUNNING):
         return
-    record.update(status="error", error=record.get("error") or one_line(err))
+    record.update(status=Status.ERROR, error=record.get("error") or one_line(err))
     write_json(path, record)
 
 
@@ -146,7 +147,7 @@ def _train(
             report(metrics, checkpoint=saved)
         if after_report is not None:
             after_report()
-    if trial.record["status"] == "diverged":  # never the best: searchers see the worst value
+    if trial.record["status"] == Status.DIVERGED:  # never the best: searchers see the worst value
         worst = -math.inf if cfg.space.mode == "max" else math.inf
         report({cfg.space.metric: worst, "diverged": 1})
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,8 @@ from ray.tune.search.optuna import OptunaSearch
 from ray.tune.search.repeater import TRIAL_INDEX
 
 from towerspace.config import ExperimentConfig
-from towerspace.spaces import SpaceConfig
+from towerspace.spaces import SpaceConfig, grid_points
+from towerspace.status import Status
 from towerspace.sweep.cluster import max_concurrent
 
 DOMAINS = {
@@ -81,7 +81,7 @@ class Progress(tune.Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         if time.monotonic() - self.last >= self.every_s:
-            self._print(trial, "running", result)
+            self._print(trial, Status.RUNNING, result)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         self.done += 1
@@ -89,15 +89,12 @@ class Progress(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self.done += 1
-        self._print(trial, "error", trial.last_result or {})
+        self._print(trial, Status.ERROR, trial.last_result or {})
 
 
 def count_trials(space: SpaceConfig, seeds: tuple[int, ...]) -> int:
     """How many trials a space launches."""
-    if space.searcher != "grid":
-        return space.num_samples * len(seeds)
-    grid = math.prod(len(d.values) for d in space.params.values() if d.kind == "grid")
-    return grid * len(seeds) * space.num_samples
+    return len(grid_points(space)) * space.num_samples * len(seeds)
 
 
 def make_tuner(
