@@ -16,12 +16,12 @@ setup: $(STAMP)
 run: $(STAMP)
 	$(BIN)/towerspace sweep experiments/digits_continuum.yaml --restart
 
-test: $(STAMP)
+test: $(STAMP)  # two processes (pytest-xdist), the slow tests first (conftest.py)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist worksteal
 
 test-fast: $(STAMP)  # the inner loop: unit tests, no Ray, no subprocesses
-	$(BIN)/python -m pytest -m "not slow" -q
+	$(BIN)/python -m pytest -m "not slow" -q -n 2
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

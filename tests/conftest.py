@@ -77,3 +77,9 @@ def _records_now(sweep_dir: Path) -> list[dict]:
 def records_now():
     """Read a running sweep's records as they are now (each is written whole, by a rename)."""
     return _records_now
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Slow tests first: run in two processes (make test), the long ones start at once and the
+    short ones fill the gaps at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

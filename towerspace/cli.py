@@ -264,14 +264,6 @@ def _print_loader_speed(cfg, device: str) -> None:
           f"({speed['images_per_s_per_worker']:,.0f} per worker)")  # fmt: skip
 
 
-def _shown(path: Path) -> Path:
-    """A path as a user would type it: relative to the working directory when below it."""
-    try:
-        return path.resolve().relative_to(Path.cwd())
-    except ValueError:
-        return path
-
-
 def _report(sweep_dir: Path, out: Path | None = None, tables: results.Tables | None = None) -> None:
     from towerspace.report import write_report
 
@@ -281,11 +273,13 @@ def _report(sweep_dir: Path, out: Path | None = None, tables: results.Tables | N
     if not report.summary.empty:
         columns = ["towers", "n", "mean", "std", "ci_low", "ci_high", "params", "flops",
                    "images_per_s", "failed"]  # fmt: skip
-        shown = report.summary[[c for c in columns if c in report.summary]].round(4)
-        _print_table(shown, "final validation accuracy over seeds (95% t-interval), by towers:")
-    shown = _shown(out or sweep_dir)
-    print(f"results: {shown / 'results.parquet'}\nhistory: {shown / 'history.parquet'}")
-    pngs = [_shown(p) for p in report.figures if p.suffix == ".png"]
+        rows = report.summary[[c for c in columns if c in report.summary]].round(4)
+        _print_table(rows, "final validation accuracy over seeds (95% t-interval), by towers:")
+    from towerspace.files import shown
+
+    where = shown(out or sweep_dir)
+    print(f"results: {where / 'results.parquet'}\nhistory: {where / 'history.parquet'}")
+    pngs = [shown(p) for p in report.figures if p.suffix == ".png"]
     print("figures:\n" + "\n".join(f"  {p}" for p in pngs))
 
 

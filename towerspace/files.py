@@ -79,3 +79,11 @@ def writable(folder: Path) -> bool:
     with contextlib.suppress(OSError):
         os.unlink(name)
     return True
+
+
+def shown(path: Path) -> Path:
+    """A path as a user would type it: relative to the working directory when below it."""
+    try:
+        return Path(path).resolve().relative_to(Path.cwd())
+    except ValueError:
+        return Path(path)

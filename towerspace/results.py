@@ -15,6 +15,7 @@ import pandas as pd
 
 from towerspace import files
 from towerspace.status import Status
+from towerspace.towers import label_order
 
 RECORDS = "records"
 RESULTS = "results.parquet"
@@ -182,7 +183,16 @@ def results_table(records: list[dict[str, Any]]) -> pd.DataFrame:
     table = table.reindex(columns=[*COLUMNS, *[c for c in table.columns if c not in COLUMNS]])
     if table.empty:
         return table
-    return table.sort_values(["towers", "seed", "trial_id"], kind="stable").reset_index(drop=True)
+    table = table.sort_values(["towers", "seed", "trial_id"], key=_regular_first, kind="stable")
+    return table.reset_index(drop=True)
+
+
+def _regular_first(column: pd.Series) -> pd.Series:
+    """Sort keys: tower labels from regular to depthwise (label_order), others as they are."""
+    if column.name != "towers":
+        return column
+    rank = {label: i for i, label in enumerate(label_order(column))}
+    return column.map(lambda label: rank[str(label)])
 
 
 def history_table(records: list[dict[str, Any]]) -> pd.DataFrame:

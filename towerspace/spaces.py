@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from towerspace.files import shown
 from towerspace.schema import as_float, coerce, did_you_mean, fail, is_int, show
 from towerspace.yamlfile import read_mapping
 
@@ -118,14 +119,6 @@ def space_dirs(experiment_file: str | Path) -> tuple[Path, ...]:
     return (Path(experiment_file).resolve().parent.parent / "search_spaces", Path("search_spaces"))
 
 
-def _relative(path: Path) -> Path:
-    """path relative to the working directory when it lies below it, for shorter messages."""
-    try:
-        return path.resolve().relative_to(Path.cwd())
-    except ValueError:
-        return path
-
-
 def space_file(name: Any, search_dirs: Sequence[Path], where: str) -> Path:
     """The file a space name (or a path ending in .yaml) refers to."""
     if not isinstance(name, str):
@@ -141,7 +134,7 @@ def space_file(name: Any, search_dirs: Sequence[Path], where: str) -> Path:
         hint = did_you_mean(name, available)
         fail(where, "space", f"no search space {name!r}; {hint}"
                              f"(available: {', '.join(available)})")  # fmt: skip
-    return _relative(found[0])
+    return shown(found[0])
 
 
 def read_space(name: Any, search_dirs: Sequence[Path], where: str) -> tuple[dict[str, Any], str]:

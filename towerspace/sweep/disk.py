@@ -14,19 +14,12 @@ from ray import tune
 from towerspace import results
 from towerspace import storage as storage_lib
 from towerspace.errors import DiskFull
+from towerspace.files import shown
 from towerspace.status import Status
 
 DISK_RESERVE = 4 * 2**20  # bytes (at most 5% of the disk): with less free a sweep stops
 RESERVE = ".space_reserve"  # a file held while trials run, removed to close a sweep on a full disk
 RESERVE_BYTES = 2**20
-
-
-def shown(path: Path) -> Path:
-    """A path relative to the working directory when it lies below it."""
-    try:
-        return path.relative_to(Path.cwd())
-    except ValueError:
-        return path
 
 
 def disk_full_error(sweep_dir: Path) -> DiskFull:

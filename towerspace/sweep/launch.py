@@ -16,6 +16,7 @@ from towerspace import results
 from towerspace import storage as storage_lib
 from towerspace.config import ExperimentConfig, apply
 from towerspace.estimate import MetaModels
+from towerspace.files import shown
 from towerspace.models.builders import absolute_builder
 from towerspace.status import FAILED, Status
 from towerspace.sweep.cluster import check_resources, init_ray, trial_resources
@@ -24,7 +25,6 @@ from towerspace.sweep.disk import (
     disk_full_error,
     no_space,
     reserve_space,
-    shown,
     stopped_by_full_disk,
 )
 from towerspace.sweep.preflight import preflight
