@@ -224,3 +224,18 @@ def test_sweep_refuses_without_a_terminal_above_the_threshold(tmp_path):
         "not a terminal to ask on; pass --yes to launch\n"
     )
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_throughput_file_prices_group_width_points(tmp_path):
+    rates = tmp_path / "rates.csv"
+    rates.write_text("towers,images_per_s\ngw64,40\ngw1,20\n")  # the labels the table shows
+    out = tmp_path / "e.csv"
+    sets = _sets("space=group_width", "space.params={model.towers: {grid: [{group_width: 64}, "
+                 "{group_width: 1}]}}")  # fmt: skip
+    assert main(["estimate", DIGITS, *sets, "--throughput", str(rates), "--out", str(out)]) == 0
+    table = pd.read_csv(out)
+    assert table["towers"].tolist() == ["gw64", "gw1"]
+    images = table["images_per_trial"]
+    assert table["cpu_hours_per_trial"].tolist() == pytest.approx(
+        [images[0] / 40 / 3600, images[1] / 20 / 3600], rel=1e-12
+    )

@@ -320,3 +320,14 @@ def test_the_other_torchvision_networks_train_on_the_continuum(name):
         x = torch.randn(TINY)
         with torch.no_grad():  # at depthwise the weights carry: the very same function
             assert torch.allclose(depthwise.eval()(x), original(x), atol=1e-5)
+
+
+def test_a_towerized_xception_is_costed_by_its_layers_not_by_its_old_formula():
+    from towerspace.models.cost import forward_flops
+
+    depthwise = xception(towers="depthwise", width=0.25, middle_blocks=1, input_size=32)
+    assert complexity(depthwise, 32).params == 1_130_144  # its own formula
+    regular, _ = towerize(depthwise, 1)  # its layers now differ from what its formula says
+    cost = complexity(regular, 32)
+    assert cost.params == sum(p.numel() for p in regular.parameters()) == 4_951_744
+    assert cost.flops == forward_flops(regular, 32) == 41_656_624

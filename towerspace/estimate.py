@@ -15,8 +15,9 @@ from torch import nn
 
 from towerspace import data as datasets
 from towerspace import memory
-from towerspace.config import ConfigError, ExperimentConfig, apply
+from towerspace.config import ExperimentConfig, apply
 from towerspace.data import DataSizes, TensorBatches
+from towerspace.errors import ConfigError
 from towerspace.models import build_model, complexity
 from towerspace.spaces import grid_points
 from towerspace.towers import TowerLabel, TowerSpec, tower_label
@@ -134,7 +135,7 @@ def cost_table(
 def _towers_key(value: Any, where: str) -> str:
     text = str(value).strip()
     try:
-        return TowerSpec.parse(int(text) if text.isdigit() else text).label()
+        return TowerSpec.from_label(text).label()
     except ValueError as err:
         raise ConfigError(f"{where}: towers: {text!r}: {err}") from None
 

@@ -1,5 +1,6 @@
-"""Files written whole or not at all: a temporary file beside the target, renamed over it, never
-written through a link, and removed again if the write fails (a full disk included)."""
+"""Files written whole or not at all (a temporary file beside the target, renamed over it, never
+written through a link, removed again if the write fails), writable-folder probes, and paths
+shown as a user would type them."""
 
 from __future__ import annotations
 

@@ -15,22 +15,8 @@ from towerspace.towers import TowerSpec, TowerSpecLike, divisors, position, real
 
 def parse_points(text: str) -> list[TowerSpecLike]:
     """Tower specs from '1,2,4,depthwise,gw8,t=0.5' (counts, group widths, positions)."""
-    points: list[TowerSpecLike] = []
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        if item.isdigit():
-            spec: TowerSpecLike = int(item)
-        elif item.startswith("gw") and item[2:].isdigit():
-            spec = {"group_width": int(item[2:])}
-        elif item.startswith("t="):
-            try:
-                spec = {"position": float(item[2:])}
-            except ValueError:
-                spec = item
-        else:
-            spec = item
-        TowerSpec.parse(spec)  # raises a one-line ValueError on anything else
-        points.append(spec)
-    return points
+    items = filter(None, (part.strip() for part in text.split(",")))
+    return [TowerSpec.from_label(item).as_config() for item in items]
 
 
 def block_table(

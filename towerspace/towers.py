@@ -69,6 +69,20 @@ class TowerSpec:
             return cls(kind, value)
         return cls("towers", spec)
 
+    @classmethod
+    def from_label(cls, text: str) -> TowerSpec:
+        """The spec a label names ('4', 'regular', 'depthwise', 'gw8', 't=0.50'): label()'s
+        inverse; raises a one-line TowerSpecError on any other text."""
+        text = str(text).strip()
+        if text.isdigit():
+            return cls("towers", int(text))
+        if text.startswith("gw") and text[2:].isdigit():
+            return cls("group_width", int(text[2:]))
+        if text.startswith("t="):
+            with contextlib.suppress(ValueError):
+                return cls("position", float(text[2:]))
+        return cls("towers", text)
+
     def label(self) -> str:
         """Short text for tables and plots: '4', 'depthwise', 'gw8', 't=0.50'."""
         if self.kind == "towers":

@@ -1,4 +1,4 @@
-"""Architectures built from TowerConv2d (names imported when first used: see towerspace)."""
+"""Architectures built from TowerConv2d (most names imported when first used: see towerspace)."""
 
 from __future__ import annotations
 

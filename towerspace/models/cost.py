@@ -22,15 +22,18 @@ class Costed(Protocol):
 
 
 def complexity(model: nn.Module, image_size: int, in_chans: int = 3) -> Complexity:
-    """Parameters and forward FLOPs per image of any model (by its own formula if it has one).
+    """Parameters and forward FLOPs per image of any model (by its own formula if it has one
+    and its parameters still match it).
 
     Otherwise FLOPs are counted by FlopCounterMode on one forward pass with meta tensors
     (nothing is computed, the model is left as it was); training FLOPs are 3× forward, as
     everywhere.
     """
-    if isinstance(model, Costed):
-        return model.complexity(image_size, image_size)
     params = sum(p.numel() for p in model.parameters())
+    if isinstance(model, Costed):
+        cost = model.complexity(image_size, image_size)
+        if cost.params == params:  # else its layers were changed (towerized): count them
+            return cost
     return Complexity(params, forward_flops(model, image_size, in_chans), 1, 1)
 
 

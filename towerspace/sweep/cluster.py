@@ -11,7 +11,8 @@ import ray
 import torch
 
 from towerspace import storage as storage_lib
-from towerspace.config import ConfigError, ExperimentConfig
+from towerspace.config import ExperimentConfig
+from towerspace.errors import ConfigError
 
 DRIVER_MEMORY = 256 * 2**20  # bytes Tune reserves for a data-parallel trial's driver
 ADDRESS_WAIT_S = 10.0  # --address: how long to wait for a Ray head to answer

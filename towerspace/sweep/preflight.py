@@ -12,8 +12,9 @@ from torch import nn
 
 from towerspace import data as datasets
 from towerspace import memory
-from towerspace.config import ConfigError, ExperimentConfig
+from towerspace.config import ExperimentConfig
 from towerspace.data import DataSizes
+from towerspace.errors import ConfigError
 from towerspace.estimate import MetaModels, memory_estimate_mb, meta_model, model_key, worker_batch
 from towerspace.spaces import grid_points, param_points
 

@@ -1,4 +1,5 @@
-"""A sweep's state on disk: its folder planned and made, the resume check, Ray's saved state.
+"""A sweep's state on disk: its folder planned and made, the resume check, Ray's saved state,
+and the trial records closed when the Tuner returns.
 
 The only module that reads Ray's internals (its experiment_state-*.json files, the
 experiment analysis behind a ResultGrid, the local Tuner of a restore); Ray is pinned in
@@ -21,8 +22,8 @@ from ray.tune.search.repeater import TRIAL_INDEX
 
 from towerspace import memory, results
 from towerspace import storage as storage_lib
-from towerspace.config import ConfigError, ExperimentConfig, to_dict
-from towerspace.errors import DiskFull, StorageError
+from towerspace.config import ExperimentConfig, to_dict
+from towerspace.errors import ConfigError, DiskFull, StorageError
 from towerspace.files import write_json
 from towerspace.status import Status
 from towerspace.sweep.disk import no_space
@@ -225,7 +226,7 @@ def _record_of(trial, cfg: ExperimentConfig) -> dict[str, Any]:
                          err=None) | {"status": Status.RUNNING}  # fmt: skip
 
 
-def mark(path: Path, status: str, error: str) -> None:
+def mark(path: Path, status: Status, error: str) -> None:
     """Set a running trial's record to a final status, where the disk still allows it."""
     with contextlib.suppress(OSError, ValueError):
         record = results.read_record(path)
