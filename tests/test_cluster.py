@@ -79,9 +79,10 @@ def test_a_sweep_on_a_two_node_cluster_survives_losing_the_worker_node(
     with log.open("w") as out:
         sweep = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=cluster["env"])
         deadline = time.monotonic() + 180
-        while True:  # both trials under way, one on each node
+        while True:  # both trials under way, one on each node, each with a checkpoint on disk
             records = records_now(tmp_path / "digits_continuum")
-            running = [r for r in records if r["status"] == "running" and r["epochs_run"] >= 1]
+            # a trial records epoch k before it persists k's checkpoint: at 2, epoch 1's is there
+            running = [r for r in records if r["status"] == "running" and r["epochs_run"] >= 2]
             if len(running) == 2 and all(r["epochs_run"] < EPOCHS - 1 for r in running):
                 break
             assert sweep.poll() is None and time.monotonic() < deadline, log.read_text()

@@ -112,7 +112,10 @@ def make_tuner(
             scheduler=scheduler(cfg),
             num_samples=cfg.space.num_samples * repeats,
             max_concurrent_trials=max_concurrent(cfg),
-            reuse_actors=True,  # a new trial skips process start-up, torch import, data load
+            # a new trial skips process start-up, torch import, data load; but a trial ASHA
+            # stops may still be running its function when its actor is handed on, and the
+            # next trial then errors (ray-project/ray#29268): no reuse under a scheduler
+            reuse_actors=scheduler(cfg) is None,
         ),
         run_config=tune.RunConfig(
             name=cfg.name,
