@@ -153,13 +153,18 @@ class DriverLock:
                 folder.rmdir()  # stops at the first that is not empty
 
 
-def clear(folder: Path) -> list[str]:
-    """--restart: remove a sweep's contents (not its lock), refusing a folder that holds no
-    towerspace sweep; returns the names removed. Links are removed, never followed."""
+def check_clearable(folder: Path) -> None:
+    """--restart: refuse a folder that holds no towerspace sweep (nothing is removed)."""
     if not (folder / EXPERIMENT_FILE).is_file():
         raise StorageError(f"--restart: {folder} holds no towerspace sweep (no "
                            f"{EXPERIMENT_FILE}); nothing removed: remove it yourself, or choose "
                            f"another name or --storage")  # fmt: skip
+
+
+def clear(folder: Path) -> list[str]:
+    """--restart: remove a sweep's contents (not its lock), refusing a folder that holds no
+    towerspace sweep; returns the names removed. Links are removed, never followed."""
+    check_clearable(folder)
     removed = []
     for entry in sorted(folder.iterdir()):
         if entry.name == LOCK_FILE:

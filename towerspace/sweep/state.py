@@ -70,10 +70,8 @@ def plan_storage(
             f"{sweep_dir}: a sweep named {cfg.name!r} is already there; pass --resume to "
             f"continue it or --restart to replace it (or --storage to write elsewhere)"
         )
-    if exists and not (sweep_dir / EXPERIMENT_FILE).is_file():
-        raise StorageError(f"--restart: {sweep_dir} holds no towerspace sweep (no "
-                           f"{EXPERIMENT_FILE}); nothing removed: remove it yourself, or choose "
-                           f"another name or --storage")  # fmt: skip
+    if exists:
+        storage_lib.check_clearable(sweep_dir)  # before the lock, with nothing written
     ancestor = storage
     while not ancestor.exists():
         ancestor = ancestor.parent
