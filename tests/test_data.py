@@ -26,6 +26,34 @@ def test_digits_is_embedded_split_and_stratified(digits):
     assert digits.train.augment == "crop" and digits.val.augment == "none"
 
 
+def test_digits_are_sklearns_read_without_importing_it(digits):
+    """The CSV scikit-learn ships, read directly (importing sklearn takes seconds): the same
+    images and labels as its load_digits, and sizes() agrees with the loaded split."""
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+
+    from towerspace.data import DataSizes, _digits_arrays, sizes
+
+    images, labels = _digits_arrays()
+    reference = load_digits()
+    assert images.shape == (1797, 8, 8) and (images == reference.images).all()
+    assert (labels == reference.target).all()
+    for cfg in (
+        DataConfig(name="digits", image_size=16),
+        DataConfig(name="digits", val_fraction=0.5),
+    ):
+        bundle = load(cfg)
+        expected = (len(bundle.train), len(bundle.val), bundle.num_classes, bundle.in_chans,
+                    bundle.image_size)  # fmt: skip
+        assert sizes(cfg) == DataSizes(*expected)
+    code = ("import sys; from towerspace.data import DataConfig, load; "
+            "load(DataConfig(name='digits')); print('sklearn' in sys.modules)")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
 def test_every_image_once_per_epoch_in_seeded_order(digits):
     def epoch(seed):
         g = torch.Generator().manual_seed(seed)

@@ -2,7 +2,6 @@
 
 import io
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -204,21 +203,21 @@ def test_above_the_threshold_a_terminal_is_asked(capsys):
     _confirm_cost(cfg, None, 0.0, yes=True, stdin=io.StringIO())  # --yes: no question
 
 
-@pytest.mark.slow  # a real process
-def test_sweep_refuses_without_a_terminal_above_the_threshold(tmp_path):
+def test_sweep_refuses_without_a_terminal_above_the_threshold(tmp_path, capsys, monkeypatch):
     rates = tmp_path / "slow.csv"
     rates.write_text("towers,images_per_s\n1,0.001\ndepthwise,0.001\n")
     sets = ["train.epochs=1", "model.width=0.125", "model.middle_blocks=1",
             "space.params={model.towers: {grid: [1, depthwise]}}", "seeds=[0]"]  # fmt: skip
-    cmd = [sys.executable, "-m", "towerspace.cli", "sweep", DIGITS, "--storage",
-           str(tmp_path / "runs"), "--throughput", str(rates),
-           *[a for s in sets for a in ("--set", s)]]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if k != "TOWERSPACE_CONFIRM_HOURS"}
-    done = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                          timeout=120, env=env, check=False)  # fmt: skip
+    argv = ["sweep", DIGITS, "--storage", str(tmp_path / "runs"), "--throughput", str(rates),
+            *[a for s in sets for a in ("--set", s)]]  # fmt: skip
+    monkeypatch.delenv("TOWERSPACE_CONFIRM_HOURS", raising=False)
+    with open(os.devnull) as devnull:  # stdin as a job's: not a terminal
+        monkeypatch.setattr(sys, "stdin", devnull)
+        code = main(argv)
     hours = 2 * _digits_train_images() / 0.001 / 3600  # 2 trials of 1 epoch, 1 CPU each
-    assert done.returncode == 2, done.stderr
-    assert done.stderr == (
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err == (
         f"towerspace: error: digits_continuum: {estimate.number(hours)} CPU-hours is above the "
         "confirmation threshold of 24 (--confirm-above, TOWERSPACE_CONFIRM_HOURS) and stdin is "
         "not a terminal to ask on; pass --yes to launch\n"

@@ -12,8 +12,9 @@ from towerspace.sweep import run_sweep
 REPO = Path(__file__).resolve().parent.parent
 EXPERIMENT = str(REPO / "experiments/digits_continuum.yaml")
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("local_ray")]
-TINY = ("train.epochs=3", "train.max_steps=2", "model.width=0.125", "model.middle_blocks=1",
-        "seeds=[0]", "space.params={model.towers: {grid: [1, depthwise]}}")  # fmt: skip
+TINY = ("train.epochs=3", "train.max_steps=2", "train.batch_size=32", "model.width=0.125",
+        "model.middle_blocks=1", "seeds=[0]",
+        "space.params={model.towers: {grid: [1, depthwise]}}")  # fmt: skip
 
 
 def _sweep(tmp_path, *sets):

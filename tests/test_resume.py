@@ -14,9 +14,10 @@ from towerspace import results
 
 REPO = Path(__file__).resolve().parent.parent
 EXPERIMENT = str(REPO / "experiments/digits_continuum.yaml")
-# 8 short epochs (6 steps each): a kill lands with trials finished, mid-way and not started
-SETS = ("train.epochs=8", "train.max_steps=6", "model.width=0.125", "model.middle_blocks=1",
-        "seeds=[0]", "space.params={model.towers: {grid: [1, 2, 4, depthwise]}}")  # fmt: skip
+# 8 short epochs (6 steps of 32 images): a kill lands with trials finished, mid-way and not started
+SETS = ("train.epochs=8", "train.max_steps=6", "train.batch_size=32", "model.width=0.125",
+        "model.middle_blocks=1", "seeds=[0]",
+        "space.params={model.towers: {grid: [1, 2, 4, depthwise]}}")  # fmt: skip
 pytestmark = pytest.mark.slow
 
 
@@ -65,9 +66,25 @@ def _wait_until_some_finished_and_one_midway(storage: Path, proc, timeout=180.0)
     raise AssertionError("the sweep never reached two finished trials and one mid-way")
 
 
-@pytest.mark.parametrize("how", ["SIGKILL", "SIGINT"])
-def test_resume_after_a_kill_reruns_nothing_and_loses_nothing(tmp_path, how):
-    first = _sweep(tmp_path)
+def _resume(storage: Path, capsys, sets: tuple[str, ...] = SETS) -> None:
+    """--resume in this process, on the session's Ray (the kill, not the resume, needs a
+    process of its own)."""
+    from towerspace.cli import main
+
+    argv = ["sweep", EXPERIMENT, "--storage", str(storage), *[f"--set={s}" for s in sets]]
+    code = main([*argv, "--resume"])
+    out = capsys.readouterr()
+    assert code == 0, (out.out + out.err)[-3000:]
+
+
+@pytest.mark.parametrize(
+    ("how", "space"),
+    [("SIGKILL", "per_flow"), ("SIGINT", "grid")],  # Optuna's searcher and Tune's grid
+)
+def test_resume_after_a_kill_reruns_nothing_and_loses_nothing(how, space, tmp_path, capsys,
+                                                              local_ray):  # fmt: skip
+    sets = (*SETS[:-1], "space=per_flow", "space.num_samples=4") if space == "per_flow" else SETS
+    first = _sweep(tmp_path, sets=sets)
     _wait_until_some_finished_and_one_midway(tmp_path, first)
     if how == "SIGKILL":  # the whole job dies at once: driver and its local Ray
         os.killpg(first.pid, signal.SIGKILL)
@@ -83,18 +100,22 @@ def test_resume_after_a_kill_reruns_nothing_and_loses_nothing(tmp_path, how):
     midway = {k: _checkpointed(tmp_path, k) for k, r in before.items() if r["status"] == "running"}
     assert len(finished_before) >= 2 and max(midway.values()) >= 1
 
-    again = _sweep(tmp_path, "--resume")
-    assert again.wait(timeout=300) == 0, (tmp_path / "log1.txt").read_text()[-3000:]
+    _resume(tmp_path, capsys, sets)
     after = _records(tmp_path)
     table = results.load(tmp_path / "digits_continuum" / "results.parquet")
-    assert len(table) == 4 and table["trial_id"].is_unique  # one row per trial, none lost
+    # one row per trial, none lost; a searcher knew what it had proposed: 4, not 4 more
+    assert len(table) == 4 and table["trial_id"].is_unique
     assert set(table["status"]) == {"finished"}
     rerun = [k for k, r in finished_before.items() if after[k] != r]
     assert rerun == []  # finished trials were not re-run: their records are untouched
+    points = dict(zip(table["trial_id"], table["point"], strict=True))
+    assert all(json.loads(points[k]) == r["point"] for k, r in before.items())  # continued
     for trial_id, epoch in midway.items():  # from the newest checkpoint on disk (a trial may
         resumed = after[trial_id]["resumed_at"]  # persist one more while the kill lands)
         assert (resumed == [] and epoch == 0) or (len(resumed) == 1 and resumed[0] >= epoch >= 0)
         assert [h["epoch"] for h in after[trial_id]["history"]] == list(range(1, 9))
+    if space == "per_flow":
+        assert list((tmp_path / "digits_continuum").glob("searcher-state-*.pkl"))
 
 
 def test_resume_refuses_what_it_cannot_resume(tmp_path, capsys):
@@ -115,24 +136,6 @@ def test_resume_refuses_what_it_cannot_resume(tmp_path, capsys):
     )
     assert [p.name for p in (tmp_path / "digits_continuum").iterdir()] == ["notes.txt"]
     assert (tmp_path / "digits_continuum" / "notes.txt").read_text() == "not a sweep"
-
-
-def test_resume_keeps_the_optuna_searchers_state(tmp_path):
-    sets = (*SETS[:-1], "space=per_flow", "space.num_samples=4")
-    first = _sweep(tmp_path, sets=sets)
-    _wait_until_some_finished_and_one_midway(tmp_path, first)
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait(timeout=120)
-    before = _records(tmp_path)
-    points_before = {k: json.dumps(r["point"], sort_keys=True) for k, r in before.items()}
-    again = _sweep(tmp_path, "--resume", sets=sets)
-    assert again.wait(timeout=300) == 0, (tmp_path / "log1.txt").read_text()[-3000:]
-    table = results.load(tmp_path / "digits_continuum" / "results.parquet")
-    # the searcher knew what it had proposed: 4 trials in all, not 4 more after the resume
-    assert len(table) == 4 and set(table["status"]) == {"finished"}
-    after = dict(zip(table["trial_id"], table["point"], strict=True))
-    assert all(after[k] == p for k, p in points_before.items())  # the same points continued
-    assert list((tmp_path / "digits_continuum").glob("searcher-state-*.pkl"))
 
 
 @pytest.mark.parametrize(
