@@ -60,11 +60,55 @@ def test_summarize_by_hand(table):
     one = summary.iloc[0]
     assert one["n"] == 3 and one["mean"] == pytest.approx(0.82)
     assert one["std"] == pytest.approx(0.02)  # sample std of 0.80, 0.84, 0.82
-    half = 4.302652729911275 * 0.02 / math.sqrt(3)  # t(0.975, 2) * s / sqrt(n)
-    assert (one["ci_low"], one["ci_high"]) == pytest.approx((0.82 - half, 0.82 + half))
+    angles = [math.asin(math.sqrt(p)) for p in (0.80, 0.84, 0.82)]  # the interval's scale
+    mean, sd = sum(angles) / 3, math.sqrt(sum((a - sum(angles) / 3) ** 2 for a in angles) / 2)
+    half = 4.302652729911275 * sd / math.sqrt(3)  # t(0.975, 2) * s / sqrt(n)
+    assert (one["asin_ci_low"], one["asin_ci_high"]) == pytest.approx(
+        (math.sin(mean - half) ** 2, math.sin(mean + half) ** 2))  # fmt: skip
+    assert (one["asin_ci_low"], one["asin_ci_high"]) == pytest.approx((0.76802, 0.86719), abs=1e-5)
     assert one["flops"] == 1000 and one["images_per_s"] == 500.0
     assert list(summary["failed"]) == [1, 1, 0]
     assert summary.attrs["excluded"] == ["bad (error)", "nan (diverged)"]
+    assert summary["towers"].dtype == pd.CategoricalDtype(["1", "2", "depthwise"], ordered=True)
+    assert summary.attrs["interval"] == "95% t-interval on the arcsine-square-root scale"
+
+
+def test_accuracy_interval_of_a_known_case():
+    # accuracies sin²(1.0), sin²(1.1), sin²(1.2): angles with mean 1.1 and standard deviation 0.1
+    accuracies = [math.sin(a) ** 2 for a in (1.0, 1.1, 1.2)]
+    half = 4.302652729911275 * 0.1 / math.sqrt(3)  # t(0.975, 2) * s / sqrt(n)
+    low, high = analysis.accuracy_interval(accuracies)
+    assert (low, high) == pytest.approx((math.sin(1.1 - half) ** 2, math.sin(1.1 + half) ** 2))
+    assert (low, high) == pytest.approx((0.565995, 0.951356), abs=1e-6)
+    assert analysis.accuracy_interval([*accuracies, math.nan]) == (low, high)  # NaN left out
+
+
+def test_accuracy_intervals_stay_within_0_and_1():
+    # two seeds near 1: a plain t-interval (t = 12.71 for one degree of freedom) reaches 1.059
+    low, high = analysis.accuracy_interval([0.99, 1.0])
+    assert (low, high) == pytest.approx((0.598296, 1.0), abs=1e-6)
+    assert analysis.accuracy_interval([1.0, 1.0]) == (1.0, 1.0)  # no spread: no width
+    # angles 0, 0, asin(0.1): mean 0.03339, sd 0.05783; the low end is cut at 0
+    assert analysis.accuracy_interval([0.0, 0.0, 0.01]) == pytest.approx((0.0, 0.031021), abs=1e-6)
+    for values in ([0.999, 0.98, 1.0], [0.5, 0.99], [0.0, 1.0], [0.97, 0.99, 0.995, 1.0, 1.0]):
+        low, high = analysis.accuracy_interval(values)
+        assert 0.0 <= low <= high <= 1.0
+    assert all(math.isnan(v) for v in analysis.accuracy_interval([0.9]))  # one seed: no interval
+    assert all(math.isnan(v) for v in analysis.accuracy_interval([]))
+    with pytest.raises(ValueError, match=r"values must lie in \[0, 1\], got \[0.5, 1.5\]"):
+        analysis.accuracy_interval([0.5, 1.5])
+
+
+def test_summary_intervals_near_1(table):
+    near = table.assign(final_val_acc=[0.99, 1.0, 1.0, 0.995, 0.999, 1.0, 1.0, 0.98, 1.0,
+                                       math.nan, 0.9])  # fmt: skip
+    summary = analysis.summarize(near[near["seed"] < 2])  # two seeds per point
+    assert list(summary["n"]) == [2, 2, 2]
+    assert (summary["asin_ci_low"] >= 0).all() and (summary["asin_ci_high"] <= 1).all()
+    assert summary.loc[0, ["asin_ci_low", "asin_ci_high"]].tolist() == pytest.approx(
+        [0.598296, 1.0], abs=1e-6)  # fmt: skip
+    single = analysis.summarize(near[near["seed"] == 0])
+    assert single["n"].tolist() == [1, 1, 1] and single["asin_ci_low"].isna().all()
 
 
 def test_compare_pairs_by_seed_against_depthwise(table):
@@ -78,6 +122,7 @@ def test_compare_pairs_by_seed_against_depthwise(table):
     assert two["diff_mean"] == pytest.approx((0.02 - 0.01 + 0.05) / 3)
     ref = diffs[diffs["towers"] == "depthwise"].iloc[0]
     assert (ref["diff_mean"], ref["ci_low"], ref["ci_high"]) == (0.0, 0.0, 0.0)
+    assert diffs["towers"].dtype == pd.CategoricalDtype(["1", "2", "depthwise"], ordered=True)
 
 
 def test_compare_needs_a_finished_reference(table):

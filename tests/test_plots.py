@@ -11,7 +11,7 @@ from matplotlib.collections import PathCollection
 from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
 
-from towerspace import files, plots, results
+from towerspace import analysis, files, plots, results
 from towerspace.cli import main
 from towerspace.report import write_report
 
@@ -304,3 +304,18 @@ def test_long_point_labels_are_slanted_not_overlapping():
     labels = ax.get_xticklabels()
     assert [t.get_text() for t in labels] == ["1", "4 [entry=2, middle=8, exit=depthwise]"]
     assert {t.get_rotation() for t in labels} == {30.0}
+
+
+def test_plots_skip_tower_labels_without_trials():
+    # results.load gives towers as an ordered categorical of the sweep's labels; a label whose
+    # trials all failed ("8" here) is a category without finished rows: no point, no line
+    dtype = results.towers_dtype(["depthwise", "8", "2", "1"])
+    table = _grid().astype({"towers": dtype})
+    assert analysis.summarize(table)["towers"].tolist() == ["1", "2", "depthwise"]
+    ax = plots.continuum(table).axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["1", "2", "depthwise"]
+    assert _legend(plots.edf(table)) == ["1 (n=2)", "2 (n=2)", "depthwise (n=2)"]
+    history = pd.DataFrame([{"trial_id": f"{p}-0", "towers": p, "seed": 0, "epoch": e,
+                             "val_acc": 0.1 * e} for p in ("1", "2") for e in (1, 2)])  # fmt: skip
+    fig = plots.curves(history.astype({"towers": dtype}))
+    assert _legend(fig) == ["1", "2"] and len(fig.axes[0].get_lines()) == 2

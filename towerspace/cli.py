@@ -271,10 +271,11 @@ def _report(sweep_dir: Path, out: Path | None = None, tables: results.Tables | N
     for note in report.warnings:
         print(f"towerspace: warning: {note}", file=sys.stderr)
     if not report.summary.empty:
-        columns = ["towers", "n", "mean", "std", "ci_low", "ci_high", "params", "flops",
+        columns = ["towers", "n", "mean", "std", "asin_ci_low", "asin_ci_high", "params", "flops",
                    "images_per_s", "failed"]  # fmt: skip
         rows = report.summary[[c for c in columns if c in report.summary]].round(4)
-        _print_table(rows, "final validation accuracy over seeds (95% t-interval), by towers:")
+        interval = report.summary.attrs["interval"]
+        _print_table(rows, f"final validation accuracy over seeds ({interval}), by towers:")
     from towerspace.files import shown
 
     where = shown(out or sweep_dir)

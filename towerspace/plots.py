@@ -57,7 +57,7 @@ def _lines(summary: pd.DataFrame):
     if not keys:
         yield "all", summary
         return
-    yield from summary.groupby(keys, sort=False)
+    yield from summary.groupby(keys, sort=False, observed=True)
 
 
 def _linestyle(summary: pd.DataFrame) -> str:
@@ -100,7 +100,8 @@ def _shade_regimes(ax, summary: pd.DataFrame, x: str) -> None:
 
 
 def continuum(results: pd.DataFrame, x: str = "towers", metric: str = analysis.METRIC) -> Figure:
-    """Accuracy across the continuum: mean over seeds with 95% intervals, seeds as faint dots."""
+    """Accuracy across the continuum: mean over seeds with 95% intervals (analysis.summarize's),
+    seeds as faint dots."""
     summary = analysis.summarize(results, metric=metric)
     trials = analysis.derive(results)
     trials = trials[trials["status"] == Status.FINISHED]
@@ -110,8 +111,8 @@ def continuum(results: pd.DataFrame, x: str = "towers", metric: str = analysis.M
     for i, (key, line) in enumerate(_lines(summary)):
         color = COLORS[i % len(COLORS)]
         xs, mean = _x(line, x), line["mean"]
-        low, high = line["ci_low"].clip(0, 1), line["ci_high"].clip(0, 1)  # accuracy's range
-        err = np.nan_to_num(np.vstack([mean - low, high - mean]))
+        low, high = line["asin_ci_low"], line["asin_ci_high"]  # within [0, 1]
+        err = np.nan_to_num(np.vstack([mean - low, high - mean]).clip(0))
         sampled = analysis.is_population(line)  # a model's few seeds: its dots say enough
         ax.errorbar(xs, mean, yerr=None if sampled else err, color=color, marker="o", capsize=3,
                     ls=_linestyle(line), label=_label(key))  # fmt: skip
@@ -198,7 +199,7 @@ def edf(results: pd.DataFrame, by: str = "towers", metric: str = analysis.METRIC
     keys, samples = _edf_samples(trials[trials["status"] == Status.FINISHED], by, metric)
     fig = Figure(figsize=(6.5, 4.5), layout="constrained")
     ax = fig.add_subplot()
-    groups = samples.groupby(keys, sort=False)
+    groups = samples.groupby(keys, sort=False, observed=True)
     order = groups["position"].mean().sort_values(kind="stable").index  # regular end first
     for i, name in enumerate(order):
         group = groups.get_group(name if isinstance(name, tuple) else (name,))
@@ -220,7 +221,8 @@ def _edf_samples(trials: pd.DataFrame, by: str, metric: str) -> tuple[list[str],
     if by != "towers" or not analysis.is_population(trials):
         return [by], trials
     keys = ["population", *(c for c in analysis.GROUPS if c in trials and trials[c].nunique() > 1)]
-    models = trials.groupby(["towers", *keys], sort=False, dropna=False)[[metric, "position"]]
+    models = trials.groupby(["towers", *keys], sort=False, dropna=False, observed=True)
+    models = models[[metric, "position"]]
     return keys, models.mean().reset_index()
 
 
@@ -238,7 +240,8 @@ def curves(
     groups = history.groupby("population", sort=False)
     for i, name in enumerate(label_order(history["population"])):  # regular end first
         rows = groups.get_group(name)
-        models = rows.groupby(["towers", "epoch"], sort=False)[metric].mean().unstack("towers")
+        models = rows.groupby(["towers", "epoch"], sort=False, observed=True)[metric].mean()
+        models = models.unstack("towers")
         color, n = COLORS[i % len(COLORS)], models.shape[1]
         if n > 1:
             ax.plot(models.index, models.to_numpy(), color=color, alpha=0.25, lw=0.8)

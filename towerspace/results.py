@@ -7,11 +7,14 @@ import os
 import re
 import stat
 import warnings
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow as pa
 
 from towerspace import files
 from towerspace.status import Status
@@ -20,14 +23,80 @@ from towerspace.towers import label_order
 RECORDS = "records"
 RESULTS = "results.parquet"
 HISTORY = "history.parquet"
-# columns shown first; nested values (realized towers, config) are stored as JSON text
-COLUMNS = [
-    "experiment", "trial_id", "status", "seed", "towers", "order", "mid", "match", "width",
-    "params", "flops", "training_flops", "final_val_acc", "best_val_acc", "final_val_top5",
-    "epochs_run", "epochs_planned", "train_time_s", "images_per_s", "data_wait_fraction",
-    "peak_memory_mb",
-    "budget_error", "position", "realized_towers", "group_widths", "data", "error",
-]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column of a table: its kind (a pandas dtype, see DTYPES) and what it holds."""
+
+    kind: str  # a key of DTYPES
+    meaning: str
+
+
+# kind → (the pandas dtype, as the README names it); absent values: NaN in str and float64
+# columns, <NA> in Int64 ones, [] in lists; an int64 column is never absent
+DTYPES = {
+    "str": "`str`",
+    "json": "`str`: JSON text",
+    "int64": "`int64`",
+    "Int64": "`Int64` (nullable)",
+    "float64": "`float64`",
+    "towers": "ordered `category`",
+    "ints": "`object`: a list of int",
+}
+TOWERS = "the sweep's tower labels, ordered from regular to depthwise"
+RESULTS_SCHEMA: dict[str, Column] = {
+    "experiment": Column("str", "the experiment's name"),
+    "trial_id": Column("str", "the trial's id (its record: `records/<trial_id>.json`)"),
+    "status": Column("str", "finished, stopped, diverged or error (running: not closed)"),
+    "seed": Column("int64", "the trial's seed"),
+    "towers": Column("towers", f"the point as asked (`4`, `gw8`, `t=0.50`, ...); {TOWERS}"),
+    "order": Column("str", "`spatial_first` or `pointwise_first`"),
+    "mid": Column("str", "the op between the k×k and the 1×1 convolution"),
+    "match": Column("str", "budget matching: `params`, `flops` or `none`"),
+    "width": Column("float64", "width multiplier (solved, when budgets are matched)"),
+    "params": Column("Int64", "trainable parameters"),
+    "flops": Column("Int64", "forward FLOPs per image"),
+    "training_flops": Column("Int64", "training FLOPs per image (3× forward)"),
+    "final_val_acc": Column("float64", "top-1 validation accuracy after the last epoch run"),
+    "best_val_acc": Column("float64", "the best finite top-1 validation accuracy of an epoch"),
+    "final_val_top5": Column("float64", "top-5 validation accuracy after the last epoch run"),
+    "epochs_run": Column("Int64", "epochs completed"),
+    "epochs_planned": Column("Int64", "epochs asked for"),
+    "train_time_s": Column("float64", "seconds of its epochs (training and validation)"),
+    "images_per_s": Column("float64", "training images per second, mean over epochs"),
+    "data_wait_fraction": Column("float64", "share of training time spent waiting for batches"),
+    "peak_memory_mb": Column("float64", "peak memory of any epoch, MiB (CUDA, or RSS on a CPU)"),
+    "budget_error": Column("float64", "matched cost / target - 1 (null: not matched)"),
+    "position": Column("float64", "mean over layers of the position (0 regular … 1 depthwise)"),
+    "towers_min": Column("Int64", "fewest towers of any layer, as built"),
+    "towers_max": Column("Int64", "most towers of any layer, as built"),
+    "realized_towers": Column("json", "per layer: channels, towers, group_width, position, regime"),
+    "group_widths": Column("ints", "the distinct channels per tower of its layers, ascending"),
+    "data": Column("str", "the data set"),
+    "error": Column("str", "why the trial failed, in one line (null when it did not)"),
+    "resumed_at": Column("ints", "epochs it continued after, from a checkpoint; [] when none"),
+    "point": Column("json", "the search space's point: field → value"),
+    "config": Column("json", "the trial's whole resolved experiment"),
+    "version": Column("str", "towerspace's version"),
+    "git_commit": Column("str", "the source tree's commit (`+dirty`: with uncommitted changes)"),
+}
+HISTORY_SCHEMA: dict[str, Column] = {
+    "trial_id": Column("str", "the trial's id"),
+    "towers": Column("towers", f"the trial's point as asked; {TOWERS}"),
+    "seed": Column("int64", "the trial's seed"),
+    "epoch": Column("Int64", "the epoch, from 1"),
+    "train_loss": Column("float64", "mean training loss over the epoch"),
+    "val_loss": Column("float64", "validation loss after the epoch"),
+    "val_acc": Column("float64", "top-1 validation accuracy after the epoch"),
+    "val_top5": Column("float64", "top-5 validation accuracy after the epoch"),
+    "lr": Column("float64", "learning rate at the epoch's end"),
+    "epoch_time_s": Column("float64", "seconds of the epoch (training and validation)"),
+    "train_images_per_s": Column("float64", "training images per second"),
+    "data_wait_fraction": Column("float64", "share of training time spent waiting for batches"),
+    "peak_memory_mb": Column("float64", "peak memory in the epoch, MiB"),
+}
+JSON_COLUMNS = tuple(name for name, c in RESULTS_SCHEMA.items() if c.kind == "json")
 
 
 class DamagedRecord(UserWarning):
@@ -38,7 +107,7 @@ MAX_RECORD_BYTES = 16 * 2**20  # a record file larger than this is not parsed
 NUMBER = (int, float)
 # a record's fields and the types they may hold (None: may be null); absent fields are null,
 # except the required ones
-SCHEMA: dict[str, tuple[type, ...]] = {
+RECORD_FIELDS: dict[str, tuple[type, ...]] = {
     "trial_id": (str,), "status": (str,), "seed": (int,), "towers": (str,),
     "experiment": (str, type(None)), "point": (dict,), "order": (str, type(None)),
     "mid": (str, type(None)), "match": (str, type(None)), "width": (*NUMBER, type(None)),
@@ -69,7 +138,7 @@ def check_record(record: Any) -> None:
     for key in REQUIRED:
         if key not in record:
             raise ValueError(f"field {key!r}: missing (required)")
-    for key, types in SCHEMA.items():
+    for key, types in RECORD_FIELDS.items():
         value = record.get(key)
         if key not in record or (isinstance(value, bool) and bool not in types):
             if key in record:
@@ -96,7 +165,7 @@ def check_record(record: Any) -> None:
 
 
 def read_record(path: Path) -> dict[str, Any]:
-    """One trial record, checked against SCHEMA; ValueError or OSError when it is truncated,
+    """One trial record, checked against RECORD_FIELDS; ValueError or OSError when it is truncated,
     corrupt, mistyped, too large, a link or not a regular file."""
     path = Path(path)
     info = os.lstat(path)
@@ -153,58 +222,107 @@ def trial_folders(sweep_dir: Path) -> set[str]:
     return {m.group(1) for m in found if m}
 
 
+def _json(value: Any) -> str | None:
+    return None if value is None else json.dumps(value, sort_keys=True)
+
+
 def _row(record: dict[str, Any]) -> dict[str, Any]:
-    realized = record.get("realized") or {}
-    counts = sorted({r["towers"] for r in realized.values()})
-    widths = sorted({r["group_width"] for r in realized.values()})
-    row = {k: v for k, v in record.items() if k not in ("history", "realized", "config", "point")}
+    realized = record.get("realized")
+    layers = list((realized or {}).values())
+    counts = [layer["towers"] for layer in layers]
+    row = {k: v for k, v in record.items() if k in RESULTS_SCHEMA}
     row.update(
-        realized_towers=json.dumps(realized, sort_keys=True),
+        realized_towers=_json(realized),
         towers_min=min(counts, default=None),
         towers_max=max(counts, default=None),
-        position=sum(r["position"] for r in realized.values()) / max(len(realized), 1),
-        group_widths=",".join(map(str, widths)),
-        point=json.dumps(record.get("point", {}), sort_keys=True),
-        resumed_at=",".join(map(str, record.get("resumed_at", []))),
-        config=json.dumps(record.get("config", {}), sort_keys=True),
+        position=sum(r["position"] for r in layers) / len(layers) if layers else None,
+        group_widths=sorted({layer["group_width"] for layer in layers}),
+        point=_json(record.get("point")),
+        config=_json(record.get("config")),
     )
     return row
 
 
-HISTORY_COLUMNS = ["trial_id", "towers", "seed", "epoch", "train_loss", "val_loss", "val_acc",
-                   "val_top5", "lr", "epoch_time_s", "train_images_per_s", "data_wait_fraction",
-                   "peak_memory_mb"]  # fmt: skip
+def towers_dtype(labels: Iterable[object]) -> pd.CategoricalDtype:
+    """The ordered categorical of tower labels: the distinct labels given, from regular to
+    depthwise (towers.label_order, the one order of tables and plots)."""
+    return pd.CategoricalDtype(pd.Index(label_order(labels), dtype="str"), ordered=True)
+
+
+def ordered_towers(column: pd.Series) -> pd.Series:
+    """A column of tower labels as towers_dtype of its labels (a categorical keeps its
+    categories, unused ones included, in that order)."""
+    labels = column.cat.categories if isinstance(column.dtype, pd.CategoricalDtype) else column
+    return column.astype("str").astype(towers_dtype(pd.Series(labels).dropna()))
+
+
+def _int_list(value: Any) -> list[int]:
+    if isinstance(value, str):  # an older towerspace wrote lists comma-joined
+        return [int(part) for part in value.split(",") if part]
+    return [] if value is None or pd.api.types.is_scalar(value) else [int(v) for v in value]
+
+
+def conform(
+    table: pd.DataFrame, schema: Mapping[str, Column], labels: Iterable[object] | None = None
+) -> pd.DataFrame:
+    """The table with exactly the schema's columns, in its order and with its dtypes (a column
+    no row has is all null); tower labels are ordered over `labels` (default: the column's)."""
+    table = table.reindex(columns=list(schema))
+    columns = {}
+    for name, column in schema.items():
+        values = table[name]
+        if column.kind == "towers":
+            if labels is None:
+                values = ordered_towers(values)
+            else:
+                values = values.astype("str").astype(towers_dtype(labels))
+        elif column.kind == "ints":
+            values = pd.Series([_int_list(v) for v in values], index=table.index, dtype=object)
+        else:
+            values = values.astype("str" if column.kind == "json" else column.kind)
+        columns[name] = values
+    return pd.DataFrame(columns, index=table.index)
+
+
+def _arrow_schema(table: pd.DataFrame, schema: Mapping[str, Column]) -> pa.Schema:
+    """The parquet schema of a conformed table: lists of int stay lists of int when every list
+    is empty (pyarrow would infer a list of nulls)."""
+    arrow = pa.Schema.from_pandas(table, preserve_index=False)
+    for name, column in schema.items():
+        if column.kind == "ints":
+            arrow = arrow.set(arrow.get_field_index(name), pa.field(name, pa.list_(pa.int64())))
+    return arrow
 
 
 def results_table(records: list[dict[str, Any]]) -> pd.DataFrame:
-    """One row per trial with its asked and realized towers, costs, metrics and provenance;
-    every column of COLUMNS is there (null where no trial has it: failed before an epoch)."""
-    table = pd.DataFrame([_row(r) for r in records])
-    table = table.reindex(columns=[*COLUMNS, *[c for c in table.columns if c not in COLUMNS]])
-    if table.empty:
-        return table
-    table = table.sort_values(["towers", "seed", "trial_id"], key=_regular_first, kind="stable")
+    """One row per trial (RESULTS_SCHEMA: its columns and dtypes, whatever trials failed),
+    from regular to depthwise, then by seed."""
+    table = conform(pd.DataFrame([_row(r) for r in records]), RESULTS_SCHEMA)
+    table = table.sort_values(["towers", "seed", "trial_id"], kind="stable")
     return table.reset_index(drop=True)
 
 
-def _regular_first(column: pd.Series) -> pd.Series:
-    """Sort keys: tower labels from regular to depthwise (label_order), others as they are."""
-    if column.name != "towers":
-        return column
-    rank = {label: i for i, label in enumerate(label_order(column))}
-    return column.map(lambda label: rank[str(label)])
-
-
 def history_table(records: list[dict[str, Any]]) -> pd.DataFrame:
-    """One row per trial and epoch: the per-epoch metrics with the trial's point."""
+    """One row per trial and epoch (HISTORY_SCHEMA): the per-epoch metrics with the trial's
+    point; its tower labels are the categories of the results table."""
     rows = [
         {"trial_id": r["trial_id"], "towers": r.get("towers"), "seed": r.get("seed"), **epoch}
         for r in records
         for epoch in r.get("history", [])
     ]
-    table = pd.DataFrame(rows)
-    extra = [c for c in table.columns if c not in HISTORY_COLUMNS]
-    return table.reindex(columns=[*HISTORY_COLUMNS, *extra])
+    labels = [r["towers"] for r in records]
+    return conform(pd.DataFrame(rows), HISTORY_SCHEMA, labels=labels)
+
+
+def schema_markdown(schema: Mapping[str, Column]) -> str:
+    """A schema as the README's table: column, dtype, meaning."""
+    lines = ["| column | dtype | meaning |", "| --- | --- | --- |"]
+    lines += [f"| `{name}` | {DTYPES[c.kind]} | {c.meaning} |" for name, c in schema.items()]
+    return "\n".join(lines)
+
+
+def _write_parquet(table: pd.DataFrame, schema: Mapping[str, Column], path: Path) -> None:
+    table.to_parquet(path, index=False, schema=_arrow_schema(table, schema))
 
 
 def write_tables(sweep_dir: Path, out: Path | None = None) -> tuple[Path, Path]:
@@ -214,9 +332,10 @@ def write_tables(sweep_dir: Path, out: Path | None = None) -> tuple[Path, Path]:
     records = read_records(sweep_dir)
     root = Path(out) if out is not None else Path(sweep_dir)
     results_path, history_path = root / RESULTS, root / HISTORY
-    for path, table in ((results_path, results_table(records)),
-                        (history_path, history_table(records))):  # fmt: skip
-        files.write_atomic(path, lambda tmp, t=table: t.to_parquet(tmp, index=False), root=root)
+    tables = {results_path: (results_table(records), RESULTS_SCHEMA),
+              history_path: (history_table(records), HISTORY_SCHEMA)}  # fmt: skip
+    for path, (table, schema) in tables.items():
+        files.write_atomic(path, partial(_write_parquet, table, schema), root=root)
     return results_path, history_path
 
 
@@ -238,10 +357,11 @@ def write_tables_noting(sweep_dir: Path, out: Path | None = None) -> Tables:
     return Tables(results_path, history_path, notes)
 
 
-def _read_parquet(path: Path, rebuild) -> pd.DataFrame:
-    """A parquet table; a zero-byte, truncated or damaged one is rebuilt from the records."""
+def _read_parquet(path: Path, rebuild, schema: Mapping[str, Column]) -> pd.DataFrame:
+    """A parquet table in its schema; a zero-byte, truncated or damaged one is rebuilt from
+    the records."""
     try:
-        return pd.read_parquet(path)
+        return conform(pd.read_parquet(path), schema)
     except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
         folder = path.parent
         if not (folder / RECORDS).is_dir():
@@ -255,7 +375,7 @@ def load(path: str | Path) -> pd.DataFrame:
     """The results table of a sweep directory (rebuilt from its records) or a parquet file."""
     path = Path(path)
     if path.suffix == ".parquet":
-        return _read_parquet(path, results_table)
+        return _read_parquet(path, results_table, RESULTS_SCHEMA)
     if not (path / RECORDS).is_dir():
         raise FileNotFoundError(f"{path}: no sweep here (no {RECORDS}/ folder)")
     return results_table(read_records(path))
@@ -265,5 +385,5 @@ def load_history(path: str | Path) -> pd.DataFrame:
     """The per-epoch history table of a sweep directory or its history.parquet."""
     path = Path(path)
     if path.suffix == ".parquet":
-        return _read_parquet(path, history_table)
+        return _read_parquet(path, history_table, HISTORY_SCHEMA)
     return history_table(read_records(path))
