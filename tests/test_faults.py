@@ -3,6 +3,7 @@ error, a diverging one stops at once; the other trials finish either way."""
 
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from towerspace import config, results
@@ -28,9 +29,9 @@ def test_a_raising_trial_is_retried_from_its_last_checkpoint(tmp_path):
                                                    "point: {model.towers: 1}}")  # fmt: skip
     assert outcome.statuses == {"finished": 2}
     hit = table.loc["1"]
-    assert hit["resumed_at"] == "1"  # continued after epoch 1, not from scratch
-    assert hit["epochs_run"] == 3 and hit["error"] is None
-    assert table.loc["depthwise", "resumed_at"] == ""
+    assert hit["resumed_at"] == [1]  # continued after epoch 1, not from scratch
+    assert hit["epochs_run"] == 3 and pd.isna(hit["error"])
+    assert table.loc["depthwise", "resumed_at"] == []
 
 
 def test_a_trial_out_of_retries_is_an_error_and_the_sweep_goes_on(tmp_path, capsys):
@@ -82,5 +83,5 @@ def test_resume_retries_errored_trials_only_when_asked(tmp_path, capsys):
     assert main([*argv, "--resume", "--retry-errored"]) == 0  # now retried from its checkpoint
     table = results.load(tmp_path / "digits_continuum").set_index("towers")
     assert set(table["status"]) == {"finished"} and len(table) == 2
-    assert table.loc["1", "resumed_at"] == "1" and table.loc["1", "epochs_run"] == 3
+    assert table.loc["1", "resumed_at"] == [1] and table.loc["1", "epochs_run"] == 3
     capsys.readouterr()
