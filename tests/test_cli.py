@@ -1,11 +1,14 @@
 """The command line as a user runs it: real processes, exit codes, one-line errors."""
 
+import argparse
 import subprocess
 import sys
+from importlib import metadata
 
 import pytest
 
-from towerspace.cli import main
+import towerspace
+from towerspace.cli import _Formatter, build_parser, main, version
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
@@ -79,3 +82,46 @@ def test_progress_prints_epochs_of_long_trials_at_most_every_interval(capsys):
     lines = [line.split("] ", 1)[1] for line in capsys.readouterr().out.splitlines()]
     assert lines == ["running  towers=4  seed=0  val_acc 0.500 after 3 epochs",
                      "done     towers=4  seed=0  val_acc 0.750 after 9 epochs"]  # fmt: skip
+
+
+def _commands() -> dict[str, argparse.ArgumentParser]:
+    """Every parser of the command line, by its prog: the top level and each command."""
+    parser = build_parser()
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return {parser.prog: parser, **{p.prog: p for p in commands.choices.values()}}
+
+
+def test_every_option_has_help_and_shows_its_default():
+    formatter = _Formatter("towerspace")
+    commands = _commands()
+    assert len(commands) == 10
+    for prog, parser in commands.items():
+        assert parser.description, prog  # what the command does, at the top of its --help
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction | argparse._HelpAction):
+                continue
+            where = f"{prog} {'/'.join(action.option_strings) or action.dest}"
+            assert action.help and action.help.strip(), f"{where}: no help"
+            takes_value = action.nargs != 0 and (action.option_strings or action.nargs == "?")
+            if takes_value:  # a flag's default is off
+                assert "default: " in formatter._get_help_string(action), f"{where}: no default"
+
+
+def test_help_says_what_the_tool_is_and_where_to_start(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "towerspace makes a convolution's tower count a knob" in out
+    assert "towerspace sweep digits_continuum --smoke" in out
+    with pytest.raises(SystemExit):
+        main(["models", "--help"])
+    assert "--size SIZE           input height = width (default: 299)" in capsys.readouterr().out
+
+
+def test_version_is_the_installed_packages(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr() == (f"towerspace {towerspace.__version__}\n", "")
+    assert version() == metadata.version("towerspace")  # pyproject reads towerspace.__version__

@@ -30,13 +30,14 @@ def test_the_block_and_models_load_no_heavy_library(code):
     assert _loaded_after(code) == []
 
 
-def test_help_loads_neither_torch_nor_any_heavy_library():
+@pytest.mark.parametrize(
+    "argv", [["--help"], ["sweep", "--help"], ["--version"], ["spaces"], ["experiments"]]
+)
+def test_help_version_and_lists_load_neither_torch_nor_any_heavy_library(argv):
     code = (
         "import contextlib, io\nfrom towerspace.cli import main\n"
         "with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
-        "    main(['--help'])\n"
-        "with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
-        "    main(['sweep', '--help'])\n"
+        f"    main({argv!r})\n"
         "assert 'torch' not in __import__('sys').modules"
     )
     assert _loaded_after(code) == []

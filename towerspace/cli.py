@@ -1,5 +1,6 @@
-"""The command line, `towerspace sweep | estimate | plot | profile | blocks | models`: it parses
-and delegates, importing what a command uses when it runs."""
+"""The command line: `towerspace sweep | estimate | plot | profile | blocks | models` run and cost
+tower sweeps, `towerspace spaces | experiments | init` find and copy the shipped files. Each
+command imports what it uses when it runs, so --help and --version load no torch."""
 
 from __future__ import annotations
 
@@ -24,12 +25,50 @@ CONFIRM_HOURS = 24.0  # a sweep estimated above this many device-hours asks befo
 CONFIRM_ENV = "TOWERSPACE_CONFIRM_HOURS"
 
 
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Help that shows each option's default (where its help does not say it in words), and
+    descriptions with the line breaks they were written with."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default: " in text or action.default in (None, False, [], argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
 class _Parser(argparse.ArgumentParser):
     """An argument parser whose errors are one line and exit with code 2."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
         raise SystemExit(2)
+
+
+class _Version(argparse.Action):
+    """--version: the installed package's version, read only when asked for."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        print(f"towerspace {version()}")
+        parser.exit()
+
+
+def version() -> str:
+    """The version in the installed package's metadata (a bare checkout: the package's own)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("towerspace")
+    except metadata.PackageNotFoundError:
+        import towerspace
+
+        return towerspace.__version__
 
 
 def _positive_int(text: str) -> int:
@@ -355,23 +394,112 @@ def _write_table(table: pd.DataFrame, roofs: dict[str, float], out: Path) -> Pat
     return out.with_suffix(".csv")
 
 
+def cmd_spaces(args: argparse.Namespace) -> int:
+    """The search spaces an experiment can name, with where each comes from."""
+    from towerspace import catalog
+
+    _print_entries(catalog.SPACES, catalog.user_space_dirs(),
+                   "search spaces, for an experiment's space field")  # fmt: skip
+    return 0
+
+
+def cmd_experiments(args: argparse.Namespace) -> int:
+    """The experiments `towerspace sweep NAME` runs, with where each comes from."""
+    from towerspace import catalog
+
+    _print_entries(catalog.EXPERIMENTS, catalog.USER_EXPERIMENT_DIRS,
+                   "experiments, for towerspace sweep NAME")  # fmt: skip
+    return 0
+
+
+def _print_entries(kind: str, user_dirs: Sequence[Path], title: str) -> None:
+    """One line per name: the name, where it comes from, and its description."""
+    from towerspace import catalog
+    from towerspace.files import shown
+
+    entries = catalog.entries(kind, user_dirs)
+    folders = " and ".join(f"{d}/" for d in user_dirs)
+    print(f"{title} (found in {folders} first, then in the package):")
+    origins = [e.origin + (" (over the package's)" if e.shadows else "") for e in entries]
+    name_width = max((len(e.name) for e in entries), default=0)
+    origin_width = max(map(len, origins), default=0)
+    for entry, origin in zip(entries, origins, strict=True):
+        print(f"  {entry.name:<{name_width}}  {origin:<{origin_width}}  {entry.description}")
+    print(f"package: {shown(catalog.shipped_dir(kind))}")
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    """Copy an experiment into a folder to edit; never over an existing file."""
+    from towerspace import catalog
+    from towerspace.files import shown
+    from towerspace.yamlfile import read_mapping
+
+    source = catalog.experiment_file(args.experiment)
+    folder = Path(args.dir)
+    target = folder / source.name
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"init: {folder}: not a folder")
+    if os.path.lexists(target):
+        raise UserError(f"init: {target} exists already; nothing written (edit it, or name "
+                        f"another folder)")  # fmt: skip
+    read_mapping(source)  # a YAML mapping, or one line that says why not
+    text = source.read_bytes()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        file = target.open("xb")  # never over a file or through a link made meanwhile
+    except FileExistsError:
+        raise UserError(f"init: {target} exists already; nothing written") from None
+    except OSError as err:  # a folder we may not write, a full disk
+        raise UserError(f"init: {target}: not written: {err.strerror}") from None
+    with file:
+        try:
+            file.write(text)
+        except BaseException:
+            target.unlink()
+            raise
+    package = catalog.shipped_dir(catalog.EXPERIMENTS)
+    made_from = (f"the package's {source.stem}" if source.resolve().parent == package.resolve()
+                 else str(shown(source)))  # fmt: skip
+    print(f"wrote {shown(target)}, a copy of {made_from}\nedit it, then run it: towerspace "
+          f"sweep {shown(target)} (with --smoke first: the whole path in seconds)")  # fmt: skip
+    return 0
+
+
+DESCRIPTION = """\
+towerspace makes a convolution's tower count a knob: split the channels of a k x k convolution
+into towers and follow it with a 1x1, and 1 tower is a regular convolution, a few are Inception
+modules, one per channel is a depthwise separable convolution (Xception's continuum). It builds
+budget-matched models at any point of that continuum, sweeps them on Ray Tune, and writes
+results tables and figures.
+
+start here:
+  towerspace experiments                       the shipped experiments (and yours)
+  towerspace sweep digits_continuum --smoke    the demo's whole path, in seconds
+  towerspace sweep digits_continuum            the demo: 14 trials, minutes on a CPU
+  towerspace init digits_continuum myproject   a copy of it to edit
+"""
+EXPERIMENT_HELP = ("an experiment file, or the name of one (towerspace experiments lists them), "
+                   "e.g. {}")  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The towerspace command line."""
-    parser = _Parser(prog="towerspace", description="Sweep a convolution's tower count from a "
-                     "regular convolution to a depthwise separable one, and measure what happens "
-                     "in between.")  # fmt: skip
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = _Parser(prog="towerspace", description=DESCRIPTION)
+    parser.add_argument("--version", action=_Version, help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser,
+                                metavar="COMMAND")  # fmt: skip
 
-    sweep = sub.add_parser("sweep", help="run an experiment's tower sweep on Ray Tune")
-    sweep.add_argument(
-        "experiment", help="an experiment file, e.g. experiments/digits_continuum.yaml"
-    )
+    def command(name: str, summary: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=summary, description=f"{summary[0].upper()}{summary[1:]}.")
+
+    sweep = command("sweep", "run an experiment's tower sweep on Ray Tune")
+    sweep.add_argument("experiment", help=EXPERIMENT_HELP.format("digits_continuum"))
     sweep.add_argument(
         "--set",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a field, e.g. --set train.epochs=1 (repeatable)",
+        help="override a field, e.g. --set train.epochs=1 (repeatable; default: none)",
     )
     sweep.add_argument(
         "--storage",
@@ -395,7 +523,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --resume: also retry trials that ended in error, from their "
         "last checkpoint (default: keep them as errors)",
     )
-    sweep.add_argument("--restart", action="store_true", help="replace an existing sweep")
+    sweep.add_argument("--restart", action="store_true",
+                       help="replace an existing sweep of the same name")  # fmt: skip
     sweep.add_argument(
         "--smoke",
         action="store_true",
@@ -423,12 +552,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sweep.set_defaults(func=cmd_sweep)
 
-    est = sub.add_parser("estimate", help="an experiment's cost per point, before it runs")
-    est.add_argument(
-        "experiment", help="an experiment file, e.g. experiments/imagenet_xception.yaml"
-    )
+    est = command("estimate", "an experiment's cost per point, before it runs")
+    est.add_argument("experiment", help=EXPERIMENT_HELP.format("imagenet_xception"))
     est.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a field, as for sweep (repeatable)")  # fmt: skip
+                     help="override a field, as for sweep (repeatable; default: none)")  # fmt: skip
     est.add_argument("--smoke", action="store_true", help="the experiment as --smoke runs it")
     est.add_argument(
         "--measure",
@@ -439,32 +566,36 @@ def build_parser() -> argparse.ArgumentParser:
         "--throughput",
         default=None,
         metavar="FILE.csv",
-        help="images/s per tower count measured elsewhere (columns towers,images_per_s)",
+        help="images/s per tower count measured elsewhere (columns towers,images_per_s; "
+        "default: none, so hours only with --measure)",
     )
     est.add_argument("--device", choices=("auto", *DEVICES[1:]), default="auto",
                      help="--measure: where to time the steps (auto: cuda if present)")  # fmt: skip
     est.add_argument("--out", default=None, metavar="FILE.csv",
                      help="the table as CSV (default: <name>_estimate.csv)")  # fmt: skip
     est.add_argument("--gpu-price", type=_non_negative_float, default=None, metavar="USD",
-                     help="price of a GPU-hour: adds a cost column")  # fmt: skip
+                     help="price of a GPU-hour: adds a cost column (default: none)")  # fmt: skip
     est.add_argument("--train-images", type=_positive_int, default=None,
-                     help="imagefolder not here: train images (ImageNet-1k: 1281167)")  # fmt: skip
+                     help="imagefolder not here: train images (ImageNet-1k: 1281167; "
+                     "default: counted in data.root)")  # fmt: skip
     est.add_argument("--classes", type=_positive_int, default=None,
-                     help="imagefolder not here: classes (ImageNet-1k: 1000)")  # fmt: skip
+                     help="imagefolder not here: classes (ImageNet-1k: 1000; default: "
+                     "counted in data.root)")  # fmt: skip
     est.set_defaults(func=cmd_estimate)
 
-    plot = sub.add_parser("plot", help="rebuild a sweep's tables and draw its figures")
+    plot = command("plot", "rebuild a sweep's tables and draw its figures")
     plot.add_argument("results_dir", help="a sweep's folder, e.g. runs/digits_continuum")
     plot.add_argument("--out", default=None, metavar="FOLDER",
-                      help="write the tables and figures there instead of into the sweep's "
-                      "folder (for a folder you cannot or should not write)")  # fmt: skip
+                      help="write the tables and figures there, for a sweep folder you cannot "
+                      "or should not write (default: the sweep's folder)")  # fmt: skip
     plot.set_defaults(func=cmd_plot)
 
-    prof = sub.add_parser("profile", help="time the block at every tower count and impl")
-    prof.add_argument("--channels", type=_positive_int, default=256)
+    prof = command("profile", "time the block at every tower count and impl")
+    prof.add_argument("--channels", type=_positive_int, default=256,
+                      help="the block's input and output channels")  # fmt: skip
     prof.add_argument("--size", type=_positive_int, default=16, help="input height = width")
-    prof.add_argument("--batch", type=_positive_int, default=32)
-    prof.add_argument("--stride", type=_positive_int, default=1)
+    prof.add_argument("--batch", type=_positive_int, default=32, help="images per timed batch")
+    prof.add_argument("--stride", type=_positive_int, default=1, help="the k x k conv's stride")
     prof.add_argument(
         "--towers",
         default=None,
@@ -481,10 +612,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prof.add_argument("--forward-only", action="store_true", help="time inference only")
     prof.add_argument("--channels-last", action="store_true", help="NHWC inputs and weights")
-    prof.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
-    prof.add_argument("--device", default="cpu")
-    prof.add_argument("--threads", type=_positive_int, default=None)
-    prof.add_argument("--repeats", type=_positive_int, default=5)
+    prof.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                      help="inputs and weights")  # fmt: skip
+    prof.add_argument("--device", default="cpu", help="where to time: cpu, cuda, cuda:1, ...")
+    prof.add_argument("--threads", type=_positive_int, default=None,
+                      help="torch's CPU threads (default: torch's own choice)")  # fmt: skip
+    prof.add_argument("--repeats", type=_positive_int, default=5,
+                      help="interleaved timed repeats per point (the median is shown)")  # fmt: skip
     prof.add_argument("--out", default="profile", help="output stem for .csv, .png and .svg")
     prof.add_argument(
         "--model",
@@ -496,34 +630,36 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--match", choices=MATCHES, default="params", help="--model: budget")
     prof.set_defaults(func=cmd_profile)
 
-    blocks = sub.add_parser("blocks", help="one layer's cost at every valid tower count")
-    blocks.add_argument("--channels", type=_positive_int, default=728, help="input channels (728)")
-    blocks.add_argument(
-        "--out-channels", type=_positive_int, default=None, help="default: --channels"
-    )
-    blocks.add_argument("--size", type=_positive_int, default=19, help="input height = width (19)")
-    blocks.add_argument("--kernel-size", type=_positive_int, default=3)
-    blocks.add_argument("--stride", type=_positive_int, default=1)
-    blocks.add_argument("--order", choices=ORDERS, default="spatial_first")
-    blocks.add_argument("--mid", choices=MIDS, default="none")
+    blocks = command("blocks", "one layer's cost at every valid tower count")
+    blocks.add_argument("--channels", type=_positive_int, default=728, help="input channels")
+    blocks.add_argument("--out-channels", type=_positive_int, default=None,
+                        help="output channels (default: --channels)")  # fmt: skip
+    blocks.add_argument("--size", type=_positive_int, default=19, help="input height = width")
+    blocks.add_argument("--kernel-size", type=_positive_int, default=3,
+                        help="the spatial conv's kernel size k")  # fmt: skip
+    blocks.add_argument("--stride", type=_positive_int, default=1, help="the k x k conv's stride")
+    blocks.add_argument("--order", choices=ORDERS, default="spatial_first",
+                        help="which conv comes first")  # fmt: skip
+    blocks.add_argument("--mid", choices=MIDS, default="none", help="between the two convs")
     blocks.set_defaults(func=cmd_blocks)
 
-    models = sub.add_parser("models", help="a whole model's cost across tower counts")
+    models = command("models", "a whole Xception's cost across tower counts")
     models.add_argument(
         "--towers",
         default="1,2,4,8,16,depthwise",
         help="comma list of counts, regular, depthwise, gw<width>, t=<position>",
     )
-    models.add_argument("--width", type=float, default=1.0)
-    models.add_argument("--middle-blocks", type=_positive_int, default=8)
-    models.add_argument("--stem", choices=STEMS, default="imagenet")
-    models.add_argument(
-        "--size", type=_positive_int, default=299, help="input height = width (299)"
-    )
-    models.add_argument("--classes", type=_positive_int, default=1000)
-    models.add_argument("--in-chans", type=_positive_int, default=3)
-    models.add_argument("--order", choices=ORDERS, default="spatial_first")
-    models.add_argument("--mid", choices=MIDS, default="none")
+    models.add_argument("--width", type=float, default=1.0, help="width multiplier")
+    models.add_argument("--middle-blocks", type=_positive_int, default=8,
+                        help="middle-flow blocks (the paper: 8)")  # fmt: skip
+    models.add_argument("--stem", choices=STEMS, default="imagenet",
+                        help="small: padded, stride 1, for 32 px and smaller")  # fmt: skip
+    models.add_argument("--size", type=_positive_int, default=299, help="input height = width")
+    models.add_argument("--classes", type=_positive_int, default=1000, help="output classes")
+    models.add_argument("--in-chans", type=_positive_int, default=3, help="input channels")
+    models.add_argument("--order", choices=ORDERS, default="spatial_first",
+                        help="which conv comes first")  # fmt: skip
+    models.add_argument("--mid", choices=MIDS, default="none", help="between the two convs")
     models.add_argument(
         "--match",
         choices=MATCHES,
@@ -531,6 +667,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="solve widths so every point costs what depthwise costs",
     )
     models.set_defaults(func=cmd_models)
+
+    spaces = command("spaces", "list the search spaces an experiment can name")
+    spaces.set_defaults(func=cmd_spaces)
+    experiments = command("experiments", "list the experiments towerspace sweep NAME runs")
+    experiments.set_defaults(func=cmd_experiments)
+    init = command("init", "copy an experiment into a folder, to edit")
+    init.add_argument("experiment", nargs="?", default="digits_continuum",
+                      help=EXPERIMENT_HELP.format("cifar10_continuum"))  # fmt: skip
+    init.add_argument("dir", nargs="?", default=".", metavar="DIR",
+                      help="the folder to write <name>.yaml into (made if missing; an existing "
+                      "file is never replaced)")  # fmt: skip
+    init.set_defaults(func=cmd_init)
     return parser
 
 

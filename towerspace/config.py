@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from towerspace.catalog import experiment_file, user_space_dirs
 from towerspace.data import DataConfig
 from towerspace.errors import ConfigError
 from towerspace.models import ModelConfig
@@ -37,7 +38,6 @@ from towerspace.spaces import (
     domain_points,
     param_points,
     read_space,
-    space_dirs,
 )
 from towerspace.towers import TowerSpec
 from towerspace.train import TrainConfig
@@ -95,7 +95,7 @@ class ExperimentConfig:
     """One experiment: data, model, recipe, search space, seeds and resources."""
 
     name: str  # names the sweep's folder
-    space: SpaceConfig  # a file in search_spaces/, by name
+    space: SpaceConfig  # by name (a file in search_spaces/, or the package's), or inline
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     seeds: tuple[int, ...] = (0,)  # every point is repeated once per seed
@@ -145,8 +145,8 @@ def parse_override(text: str) -> tuple[str, Any]:
 def load_space(
     name_or_path: str | Path, search_dirs: Sequence[str | Path] = ("search_spaces",)
 ) -> SpaceConfig:
-    """A search space by name (looked up in search_dirs) or by its .yaml path, checked against
-    the experiment's fields."""
+    """A search space by name (looked up in search_dirs, then in the package's) or by its .yaml
+    path, checked against the experiment's fields."""
     dirs = [Path(d) for d in search_dirs]
     raw, space_file = read_space(str(name_or_path), dirs, "")
     space = build(SpaceConfig, raw, space_file)
@@ -155,8 +155,9 @@ def load_space(
 
 
 def load_experiment(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentConfig:
-    """Read, override, validate and resolve an experiment file; nothing is written."""
-    path = Path(path)
+    """Read, override, validate and resolve an experiment file (a path, or a bare name found by
+    catalog.experiment_file); nothing is written."""
+    path = experiment_file(path)
     raw = read_mapping(path)
     if isinstance(raw.get("scheduler"), str):
         raw["scheduler"] = {"name": raw["scheduler"]}  # so --set scheduler.x keeps the name
@@ -172,7 +173,7 @@ def load_experiment(path: str | Path, overrides: Sequence[str] = ()) -> Experime
     if isinstance(raw["space"], Mapping):
         space_raw, space_file = {"name": "inline", **raw["space"]}, str(path)
     else:
-        space_raw, space_file = read_space(raw["space"], space_dirs(path), str(path))
+        space_raw, space_file = read_space(raw["space"], user_space_dirs(path), str(path))
     resolved = {**raw, "space": space_raw}
     for key, value in space_sets:
         _set(resolved, key, value)

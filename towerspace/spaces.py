@@ -1,5 +1,6 @@
-"""Search spaces: which fields a sweep varies and over what values (search_spaces/*.yaml), and
-the walkers of a space's points that every check, estimate and count uses."""
+"""Search spaces: which fields a sweep varies and over what values (search_spaces/*.yaml, found
+by name through catalog.py), and the walkers of a space's points that every check, estimate and
+count uses."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from towerspace import catalog
 from towerspace.files import shown
-from towerspace.schema import as_float, coerce, did_you_mean, fail, is_int, show
+from towerspace.schema import as_float, coerce, fail, is_int, show
 from towerspace.yamlfile import read_mapping
 
 SEARCHERS = ("grid", "random", "optuna")
@@ -114,27 +116,17 @@ def grid_points(space: SpaceConfig) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------- files
 
 
-def space_dirs(experiment_file: str | Path) -> tuple[Path, ...]:
-    """Where a bare space name is looked up: beside the experiment's folder, then ./."""
-    return (Path(experiment_file).resolve().parent.parent / "search_spaces", Path("search_spaces"))
-
-
 def space_file(name: Any, search_dirs: Sequence[Path], where: str) -> Path:
-    """The file a space name (or a path ending in .yaml) refers to."""
+    """The file a space name (or a path ending in .yaml) refers to: the first found in
+    search_dirs (the user's folders), then in the package's search spaces."""
     if not isinstance(name, str):
         fail(where, "space", f"expected a space name, got {show(name)}")
     if name.endswith(".yaml"):
         return Path(name)
-    found = [Path(d) / f"{name}.yaml" for d in search_dirs if (Path(d) / f"{name}.yaml").is_file()]
-    if not found:
-        available = sorted({p.stem for d in map(Path, search_dirs) for p in d.glob("*.yaml")})
-        if not available:
-            looked = ", ".join(str(d) for d in search_dirs)
-            fail(where, "space", f"no search space {name!r} (no .yaml files in: {looked})")
-        hint = did_you_mean(name, available)
-        fail(where, "space", f"no search space {name!r}; {hint}"
-                             f"(available: {', '.join(available)})")  # fmt: skip
-    return shown(found[0])
+    found = catalog.find(name, catalog.SPACES, search_dirs)
+    if found is None:
+        fail(where, "space", catalog.unknown(name, catalog.SPACES, search_dirs))
+    return shown(found)
 
 
 def read_space(name: Any, search_dirs: Sequence[Path], where: str) -> tuple[dict[str, Any], str]:
