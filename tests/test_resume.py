@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from towerspace import results
+from towerspace.study import load_study
 
 REPO = Path(__file__).resolve().parent.parent
 EXPERIMENT = str(REPO / "experiments/digits_continuum.yaml")
@@ -116,6 +117,12 @@ def test_resume_after_a_kill_reruns_nothing_and_loses_nothing(how, space, tmp_pa
         assert [h["epoch"] for h in after[trial_id]["history"]] == list(range(1, 9))
     if space == "per_flow":
         assert list((tmp_path / "digits_continuum").glob("searcher-state-*.pkl"))
+        # the Optuna study in the folder, after the kill and the resume: the 4 points, no more
+        study = load_study(tmp_path / "digits_continuum", "digits_continuum")
+        trials = study.get_trials(deepcopy=False)
+        assert len(trials) == 4 and all(t.state.name == "COMPLETE" for t in trials)
+        shown = {json.dumps(r["point"], sort_keys=True) for r in after.values()}
+        assert {json.dumps(t.params, sort_keys=True) for t in trials} == shown
 
 
 def test_resume_refuses_what_it_cannot_resume(tmp_path, capsys):

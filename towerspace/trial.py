@@ -152,6 +152,16 @@ class Trial:
             "history": [],
         }
 
+    def costs(self) -> dict[str, float]:
+        """The trial's fixed numbers (what it costs and how its layers were built), reported to
+        Ray with every epoch: TensorBoard's HParams view and ExperimentAnalysis show them."""
+        record = self.record
+        towers = [layer["towers"] for layer in (record["realized"] or {}).values()]
+        fixed = {k: record[k] for k in ("params", "flops", "training_flops", "width")}
+        if towers:
+            fixed.update(towers_min=min(towers), towers_max=max(towers))
+        return {k: v for k, v in fixed.items() if isinstance(v, int | float)}
+
     def save_checkpoint(self, directory: Path) -> None:
         """Everything needed to continue this trial exactly."""
         torch.save(self.trainer.state_dict(), Path(directory) / CHECKPOINT)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from towerspace.estimate import MetaModels
 from towerspace.files import shown
 from towerspace.models.builders import absolute_builder
 from towerspace.status import FAILED, Status
+from towerspace.study import write_study
 from towerspace.sweep.cluster import check_resources, init_ray, trial_resources
 from towerspace.sweep.disk import (
     DiskWatch,
@@ -137,6 +139,9 @@ def _run(cfg: ExperimentConfig, sweep_dir: Path, resume: bool, retry_errored: bo
             mark(path, Status.ERROR, storage_lib.NO_SPACE)
     try:  # damaged records: kept as notes, named by whoever reads the tables
         tables = results.write_tables_noting(sweep_dir)
+        with warnings.catch_warnings():  # damaged records: already in the tables' notes
+            warnings.simplefilter("ignore", results.DamagedRecord)
+            write_study(sweep_dir, results.read_records(sweep_dir), cfg.name, cfg.space)
     except OSError as err:
         if storage_lib.disk_full(err):
             raise disk_full_error(sweep_dir) from None

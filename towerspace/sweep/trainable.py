@@ -136,6 +136,7 @@ def _train(
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             trial.load_checkpoint(Path(directory))
+    costs = trial.costs()
     for metrics in trial.epochs():
         if reserve is not None and not reserve.exists():  # the driver freed it: disk full
             raise OSError(errno.ENOSPC, f"{storage_lib.NO_SPACE} (the sweep is stopping)")
@@ -144,7 +145,7 @@ def _train(
             if trial.rank == 0:  # data-parallel workers hold the same weights: one copy
                 trial.save_checkpoint(Path(directory))
                 saved = checkpoint_cls.from_directory(directory)
-            report(metrics, checkpoint=saved)
+            report({**metrics, **costs}, checkpoint=saved)
         if after_report is not None:
             after_report()
     if trial.record["status"] == Status.DIVERGED:  # never the best: searchers see the worst value
