@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
-from towerspace.choices import DEVICES, MATCHES, MIDS, ORDERS, STEMS
+from towerspace.choices import DEVICES, EXPORT_FORMATS, MATCHES, MIDS, ORDERS, STEMS
 from towerspace.errors import UserError
 from towerspace.status import FAILED
 
@@ -115,6 +115,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     print(f"\n{cfg.name}: {sum(outcome.statuses.values())} trials ({counts})")
     _print_failures(outcome.results_path)
     _report(outcome.sweep_dir, tables=outcome.tables)  # the tables the sweep wrote
+    from towerspace.progress import tensorboard_line
+
+    board = tensorboard_line(outcome.sweep_dir)  # Ray's banner named a staging copy instead
+    if board:
+        print(board)
     if outcome.unfinished:
         print(f"{cfg.name}: interrupted with {outcome.unfinished} trials unfinished; the same "
               f"command with --resume continues them", file=sys.stderr)  # fmt: skip
@@ -531,7 +536,89 @@ def build_parser() -> argparse.ArgumentParser:
         help="solve widths so every point costs what depthwise costs",
     )
     models.set_defaults(func=cmd_models)
+    _add_status_parser(sub)
+    _add_export_parser(sub)
     return parser
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """A sweep's progress from its folder, without Ray and writing nothing."""
+    import json
+
+    from towerspace import progress
+
+    report = progress.read_progress(Path(args.sweep_dir))
+    print(
+        json.dumps(report.to_json(), indent=1) if args.json else "\n".join(progress.lines(report))
+    )
+    return 0
+
+
+def _add_status_parser(sub) -> None:
+    status = sub.add_parser(
+        "status",
+        help="a sweep's progress: trials by status, best so far, elapsed, ETA (reads its folder "
+        "only, without Ray: safe while it runs)",
+    )
+    status.add_argument("sweep_dir", help="a sweep's folder, e.g. runs/digits_continuum")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(func=cmd_status)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """An experiment's model, or a sweep trial's checkpoint, as ONNX or a torch.export program."""
+    from towerspace import export
+
+    try:
+        line = export.export_command(
+            args.source, args.out, fmt=args.format, trial=args.trial, sets=args.set, seed=args.seed
+        )
+    except export.ExportMismatch as err:  # not the input's fault; nothing was written
+        print(f"towerspace: error: {err}", file=sys.stderr)
+        return 1
+    print(line)
+    return 0
+
+
+def _add_export_parser(sub) -> None:
+    export = sub.add_parser(
+        "export",
+        help="an experiment's model, or a sweep trial's checkpoint, as ONNX or a torch.export "
+        "program, checked against eager PyTorch",
+    )
+    export.add_argument(
+        "source",
+        help="an experiment file (its model, random weights), or a sweep's folder (with --trial)",
+    )
+    export.add_argument(
+        "--out",
+        required=True,
+        metavar="FILE",
+        help="the file to write, .onnx or .pt2 (written whole, after the check, or not at all)",
+    )
+    export.add_argument(
+        "--trial",
+        default=None,
+        metavar="ID",
+        help="a sweep's trial (records/ID.json): its newest complete checkpoint",
+    )
+    export.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an experiment file's field, e.g. --set model.towers=4 (repeatable)",
+    )
+    export.add_argument(
+        "--format", choices=EXPORT_FORMATS, default=None, help="default: from --out's suffix"
+    )
+    export.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="the random weights of an experiment's model, and the check's random inputs",
+    )
+    export.set_defaults(func=cmd_export)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
