@@ -68,20 +68,29 @@ def test_a_real_process_exits_2_without_a_traceback():
     )
 
 
-def test_progress_prints_epochs_of_long_trials_at_most_every_interval(capsys):
+def test_progress_prints_a_line_when_a_trial_starts_and_one_per_epoch_with_an_eta(capsys):
     from types import SimpleNamespace
 
     from towerspace.sweep.tuner import Progress
 
-    trial = SimpleNamespace(config={"model.towers": 4, "seed": 0}, last_result={})
-    quiet, chatty = Progress(total=2, every_s=3600), Progress(total=2, every_s=0)
-    for progress in (quiet, chatty):
-        progress.on_trial_result(0, [], trial, {"val_acc": 0.5, "training_iteration": 3})
-    trial.last_result = {"val_acc": 0.75, "training_iteration": 9}
-    chatty.on_trial_complete(0, [], trial)
+    def trial(towers, status):
+        return SimpleNamespace(config={"model.towers": towers, "seed": 0}, last_result={},
+                               status=status)  # fmt: skip
+
+    running, pending = trial(4, "RUNNING"), trial(1, "PENDING")
+    trials = [running, pending]  # of 3: one not made yet
+    progress = Progress(total=3, epochs=4)
+    progress.on_trial_start(0, trials, running)
+    result = {"val_acc": 0.5, "training_iteration": 1, "epoch_time_s": 2.0}
+    progress.on_trial_result(0, trials, running, result)
+    running.last_result, running.status = {"val_acc": 0.75, "training_iteration": 4}, "TERMINATED"
+    progress.on_trial_complete(0, trials, running)
     lines = [line.split("] ", 1)[1] for line in capsys.readouterr().out.splitlines()]
-    assert lines == ["running  towers=4  seed=0  val_acc 0.500 after 3 epochs",
-                     "done     towers=4  seed=0  val_acc 0.750 after 9 epochs"]  # fmt: skip
+    # ETA: (3 epochs left of the running trial + 4 of the pending one + 4 of the one not made
+    # yet) x 2.0 s, 1 trial at once
+    assert lines == ["started  towers=4  seed=0",
+                     "running  towers=4  seed=0  val_acc 0.500 after 1/4 epochs  ETA 22s",
+                     "done     towers=4  seed=0  val_acc 0.750 after 4 epochs"]  # fmt: skip
 
 
 def _commands() -> dict[str, argparse.ArgumentParser]:
@@ -94,7 +103,7 @@ def _commands() -> dict[str, argparse.ArgumentParser]:
 def test_every_option_has_help_and_shows_its_default():
     formatter = _Formatter("towerspace")
     commands = _commands()
-    assert len(commands) == 10
+    assert len(commands) == 12
     for prog, parser in commands.items():
         assert parser.description, prog  # what the command does, at the top of its --help
         for action in parser._actions:
@@ -103,6 +112,7 @@ def test_every_option_has_help_and_shows_its_default():
             where = f"{prog} {'/'.join(action.option_strings) or action.dest}"
             assert action.help and action.help.strip(), f"{where}: no help"
             takes_value = action.nargs != 0 and (action.option_strings or action.nargs == "?")
+            takes_value = takes_value and not action.required  # a required option: no default
             if takes_value:  # a flag's default is off
                 assert "default: " in formatter._get_help_string(action), f"{where}: no default"
 

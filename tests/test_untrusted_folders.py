@@ -156,3 +156,8 @@ def test_a_read_only_folder_is_refused_in_one_line_or_plotted_elsewhere(
     assert len(results.load(out_dir / "results.parquet")) == 6
     assert (out_dir / "plots" / "continuum.png").stat().st_size > 10_000
     assert sorted(p.name for p in read_only.rglob("*")) == before
+
+
+def test_status_reads_a_read_only_folder(read_only, capsys):
+    assert main(["status", str(read_only)]) == 0
+    assert capsys.readouterr().out.startswith("digits_continuum: 6 trials: 6 finished\n")

@@ -7,3 +7,4 @@ MATCHES: tuple[str, ...] = ("none", "params", "flops")  # what budget matching h
 # imagenet: two unpadded 3×3 convs, the first strided; small: padded, stride 1
 STEMS: tuple[str, ...] = ("imagenet", "small")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")  # auto: CUDA where there is one
+EXPORT_FORMATS: tuple[str, ...] = ("onnx", "pt2")  # onnx: an ONNX file; pt2: torch.export's

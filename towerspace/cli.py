@@ -8,11 +8,11 @@ import argparse
 import os
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
-from towerspace.choices import DEVICES, MATCHES, MIDS, ORDERS, STEMS
+from towerspace.choices import DEVICES, EXPORT_FORMATS, MATCHES, MIDS, ORDERS, STEMS
 from towerspace.errors import UserError
 from towerspace.status import FAILED
 
@@ -31,7 +31,8 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "default: " in text or action.default in (None, False, [], argparse.SUPPRESS):
+        off = action.default is None or action.default is False or action.default == []
+        if "default: " in text or off or action.default == argparse.SUPPRESS:  # (0 is a default)
             return text
         return super()._get_help_string(action)
 
@@ -154,6 +155,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     print(f"\n{cfg.name}: {sum(outcome.statuses.values())} trials ({counts})")
     _print_failures(outcome.results_path)
     _report(outcome.sweep_dir, tables=outcome.tables)  # the tables the sweep wrote
+    from towerspace.progress import tensorboard_line
+
+    board = tensorboard_line(outcome.sweep_dir)  # Ray's banner named a staging copy instead
+    if board:
+        print(board)
     if outcome.unfinished:
         print(f"{cfg.name}: interrupted with {outcome.unfinished} trials unfinished; the same "
               f"command with --resume continues them", file=sys.stderr)  # fmt: skip
@@ -679,7 +685,90 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the folder to write <name>.yaml into (made if missing; an existing "
                       "file is never replaced)")  # fmt: skip
     init.set_defaults(func=cmd_init)
+    _add_status_parser(command)
+    _add_export_parser(command)
     return parser
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """A sweep's progress from its folder, without Ray and writing nothing."""
+    import json
+
+    from towerspace import progress
+
+    report = progress.read_progress(Path(args.sweep_dir))
+    print(
+        json.dumps(report.to_json(), indent=1) if args.json else "\n".join(progress.lines(report))
+    )
+    return 0
+
+
+def _add_status_parser(command: Callable[[str, str], argparse.ArgumentParser]) -> None:
+    status = command(
+        "status",
+        "a sweep's progress: trials by status, best so far, elapsed, ETA (reads its folder "
+        "only, without Ray: safe while it runs)",
+    )
+    status.add_argument("sweep_dir", help="a sweep's folder, e.g. runs/digits_continuum")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(func=cmd_status)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """An experiment's model, or a sweep trial's checkpoint, as ONNX or a torch.export program."""
+    from towerspace import export
+
+    try:
+        line = export.export_command(
+            args.source, args.out, fmt=args.format, trial=args.trial, sets=args.set, seed=args.seed
+        )
+    except export.ExportMismatch as err:  # not the input's fault; nothing was written
+        print(f"towerspace: error: {err}", file=sys.stderr)
+        return 1
+    print(line)
+    return 0
+
+
+def _add_export_parser(command: Callable[[str, str], argparse.ArgumentParser]) -> None:
+    export = command(
+        "export",
+        "an experiment's model, or a sweep trial's checkpoint, as ONNX or a torch.export "
+        "program, checked against eager PyTorch",
+    )
+    export.add_argument(
+        "source",
+        help="an experiment file (its model, random weights), or a sweep's folder (with --trial)",
+    )
+    export.add_argument(
+        "--out",
+        required=True,
+        metavar="FILE",
+        help="the file to write, .onnx or .pt2 (written whole, after the check, or not at all)",
+    )
+    export.add_argument(
+        "--trial",
+        default=None,
+        metavar="ID",
+        help="a sweep's trial (records/ID.json): its newest complete checkpoint (default: none, "
+        "the source is an experiment file)",
+    )
+    export.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an experiment file's field, e.g. --set model.towers=4 (repeatable; default: none)",
+    )
+    export.add_argument(
+        "--format", choices=EXPORT_FORMATS, default=None, help="default: from --out's suffix"
+    )
+    export.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="the random weights of an experiment's model, and the check's random inputs",
+    )
+    export.set_defaults(func=cmd_export)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 import subprocess
+import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,35 @@ from towerspace.towers import realized_towers, tower_label
 from towerspace.train import Diverged, Trainer, choose_device, seed_everything
 
 CHECKPOINT = "trainer.pt"
+TRAIN_RUNS = "train"  # a sweep's folder for the Ray Train runs of its data-parallel trials
+
+
+def trial_folder(sweep_dir: Path, trial_id: str) -> Path:
+    """Where Tune persists a trial's checkpoints: <sweep>/run_trial_<trial id>_<point>_<time>.
+
+    (The trial's context names its working directory, not this one.)
+    """
+    found = sorted(Path(sweep_dir).glob(f"run_trial_{trial_id}_*"))
+    return found[0] if found else Path(sweep_dir) / f"run_trial_{trial_id}"
+
+
+def checkpoint_complete(path: Path) -> bool:
+    """Whether a checkpoint file was written to the end (torch.save writes a zip archive, whose
+    directory comes last: a copy cut short by a kill has none)."""
+    try:
+        with zipfile.ZipFile(path):
+            return True
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def newest_checkpoint_file(sweep_dir: Path, trial_id: str) -> Path | None:
+    """A trial's newest complete checkpoint file: Tune's, or Ray Train's for a data-parallel
+    trial (None when it has none)."""
+    folders = (trial_folder(sweep_dir, trial_id), Path(sweep_dir) / TRAIN_RUNS / trial_id)
+    found = [d / CHECKPOINT for folder in folders for d in folder.glob("checkpoint_*")]
+    complete = sorted((p for p in found if checkpoint_complete(p)), key=lambda p: p.parent.name)
+    return complete[-1] if complete else None
 
 
 def provenance() -> dict[str, str | None]:

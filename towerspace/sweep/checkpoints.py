@@ -5,23 +5,15 @@ from __future__ import annotations
 import contextlib
 import shutil
 import time
-import zipfile
 from pathlib import Path
 
 from ray import tune
 
-from towerspace.trial import CHECKPOINT
+from towerspace.trial import CHECKPOINT, checkpoint_complete, trial_folder
+
+__all__ = ["newest_checkpoint", "prune", "trial_folder"]  # trial_folder: from trial, for Ray's side
 
 KEEP_CHECKPOINTS_S = 300.0  # a trial's checkpoints younger than this are never pruned
-
-
-def trial_folder(sweep_dir: Path, trial_id: str) -> Path:
-    """Where Tune persists a trial's checkpoints: <sweep>/run_trial_<trial id>_<point>_<time>.
-
-    (The trial's context names its working directory, not this one.)
-    """
-    found = sorted(sweep_dir.glob(f"run_trial_{trial_id}_*"))
-    return found[0] if found else sweep_dir / f"run_trial_{trial_id}"
 
 
 def newest_checkpoint(known: tune.Checkpoint | None, trial_dir: Path) -> tune.Checkpoint | None:
@@ -32,22 +24,12 @@ def newest_checkpoint(known: tune.Checkpoint | None, trial_dir: Path) -> tune.Ch
     this the trial would repeat epochs, or start over.
     """
     found = sorted(trial_dir.glob("checkpoint_*"), reverse=True)
-    complete = [d for d in found if _complete(d / CHECKPOINT)]
+    complete = [d for d in found if checkpoint_complete(d / CHECKPOINT)]
     if not complete:
         return known
     if known is not None and Path(known.path).name >= complete[0].name:
         return known
     return tune.Checkpoint.from_directory(str(complete[0]))
-
-
-def _complete(path: Path) -> bool:
-    """Whether a checkpoint file was written to the end (torch.save writes a zip archive, whose
-    directory comes last: a copy cut short by a kill has none)."""
-    try:
-        with zipfile.ZipFile(path):
-            return True
-    except (OSError, zipfile.BadZipFile):
-        return False
 
 
 def prune(trial_dir: Path, keep: int = 2, keep_s: float = KEEP_CHECKPOINTS_S) -> None:

@@ -15,6 +15,7 @@ from towerspace.config import ExperimentConfig
 from towerspace.errors import ConfigError
 
 DRIVER_MEMORY = 256 * 2**20  # bytes Tune reserves for a data-parallel trial's driver
+AUTH_MODE = "RAY_AUTH_MODE"  # Ray's token authentication: "token" or "disabled"
 ADDRESS_WAIT_S = 10.0  # --address: how long to wait for a Ray head to answer
 
 
@@ -27,6 +28,10 @@ def init_ray(address: str | None) -> None:
     # a stopped sweep's trials end in errors Tune already handled (and towerspace recorded):
     # Ray would print each again with its traceback as "unhandled"
     os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
+    # Tune's console output engine prints a banner even at verbose=0, pointing TensorBoard at
+    # a staging copy under /tmp/ray; the sweep folder holds the event files (the CLI says so
+    # at the end). The legacy engine (a documented switch) prints nothing at verbose=0
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     quiet = {"log_to_driver": False, "configure_logging": True, "logging_level": "warning"}
     if address or os.environ.get("RAY_ADDRESS"):
         check_address(
@@ -34,10 +39,29 @@ def init_ray(address: str | None) -> None:
         )
         ray.init(address=address, **quiet)
     else:
+        _token_auth_for_local_ray()
         ray.init(num_cpus=os.cpu_count(), num_gpus=torch.cuda.device_count(),
                  include_dashboard=False, **quiet)  # fmt: skip
     for handler in logging.getLogger("ray").handlers:
         handler.addFilter(_disk_full_in_one_line)
+
+
+def _token_auth_for_local_ray() -> None:
+    """Token authentication for the local Ray this driver starts, asked for explicitly.
+
+    Ray (2.59 on) turns it on for a cluster that ray.init() starts, with a warning on every start
+    unless RAY_AUTH_MODE is set: set to what Ray chooses anyway, it keeps the security and drops
+    the warning. A RAY_AUTH_MODE the user set is kept; a cluster joined by address is Ray's
+    and the user's to configure.
+    """
+    if AUTH_MODE in os.environ:
+        return
+    os.environ[AUTH_MODE] = "token"
+    # Ray read its settings when imported: read them again, as Ray does when it turns token
+    # authentication on itself (ray._private.authentication.authentication_token_setup)
+    from ray._raylet import Config
+
+    Config.initialize("")
 
 
 def _disk_full_in_one_line(record: logging.LogRecord) -> bool:

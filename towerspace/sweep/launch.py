@@ -19,6 +19,7 @@ from towerspace.config import ExperimentConfig, apply
 from towerspace.estimate import MetaModels
 from towerspace.files import shown
 from towerspace.models.builders import absolute_builder
+from towerspace.progress import count_trials
 from towerspace.status import FAILED, Status
 from towerspace.study import write_study
 from towerspace.sweep.cluster import check_resources, init_ray, trial_resources
@@ -39,7 +40,7 @@ from towerspace.sweep.state import (
     restore_tuner,
 )
 from towerspace.sweep.trainable import run_trial
-from towerspace.sweep.tuner import Progress, count_trials, make_tuner, param_space
+from towerspace.sweep.tuner import Progress, make_tuner, param_space
 from towerspace.trial import provenance
 
 
@@ -121,7 +122,8 @@ def _run(cfg: ExperimentConfig, sweep_dir: Path, resume: bool, retry_errored: bo
     watch = DiskWatch(sweep_dir)
     if resume:
         params = param_space(cfg.space, cfg.seeds)
-        tuner = restore_tuner(sweep_dir, trainable, params, retry, [Progress(total), watch])
+        progress = Progress(total, cfg.train.epochs)
+        tuner = restore_tuner(sweep_dir, trainable, params, retry, [progress, watch])
     else:
         tuner = make_tuner(cfg, trainable, sweep_dir.parent, total, watch)
     reserve = reserve_space(sweep_dir)

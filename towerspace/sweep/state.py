@@ -27,10 +27,9 @@ from towerspace.errors import ConfigError, DiskFull, StorageError
 from towerspace.files import write_json
 from towerspace.status import Status
 from towerspace.sweep.disk import no_space
-from towerspace.trial import failed_record
+from towerspace.trial import TRAIN_RUNS, failed_record
 
 URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:/")  # s3://, gs://, hdfs://, file:/ ...
-TRAIN_RUNS = "train"  # a sweep's folder for the Ray Train runs of its data-parallel trials
 EXPERIMENT_FILE = storage_lib.EXPERIMENT_FILE
 
 

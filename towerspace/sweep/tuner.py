@@ -13,7 +13,8 @@ from ray.tune.search.optuna import OptunaSearch
 from ray.tune.search.repeater import TRIAL_INDEX
 
 from towerspace.config import ExperimentConfig
-from towerspace.spaces import SpaceConfig, grid_points
+from towerspace.progress import duration, eta_s
+from towerspace.spaces import SpaceConfig
 from towerspace.status import Status
 from towerspace.sweep.cluster import max_concurrent
 
@@ -25,7 +26,6 @@ DOMAINS = {
     "grid": lambda v: tune.grid_search(list(v)),
 }
 SEARCHER_SEED = 0  # Optuna's sampler seed: the same experiment proposes the same points
-PROGRESS_EVERY_S = 30.0  # while trials run: at most one epoch line this often
 
 
 def param_space(space: SpaceConfig, seeds: tuple[int, ...]) -> dict[str, Any]:
@@ -63,38 +63,68 @@ def scheduler(cfg: ExperimentConfig) -> ASHAScheduler | None:
     )
 
 
+ENDED = ("TERMINATED", "ERROR")  # Ray's statuses of a trial that will not run again
+
+
 class Progress(tune.Callback):
-    """One line per trial that ends, instead of Ray's per-trial tables; while trials run, an
-    epoch line at most every `every_s` seconds, so a long sweep is never silent for hours."""
+    """A line when a trial starts, one per epoch result with an ETA for the sweep, and one
+    when a trial ends, instead of Ray's per-trial tables.
 
-    def __init__(self, total: int, every_s: float = PROGRESS_EVERY_S) -> None:
-        self.total, self.done, self.every_s = total, 0, every_s
-        self.start = self.last = time.monotonic()
+    The ETA is progress.eta_s: the epochs left (each unended trial's planned epochs less those
+    it reported; every trial not yet started, `epochs`) at the mean epoch_time_s reported so
+    far, shared by the trials running now. Trial start-up is not counted.
+    """
 
-    def _print(self, trial, status: str, result: dict) -> None:
+    def __init__(self, total: int, epochs: int = 1) -> None:
+        self.total, self.epochs, self.done = total, epochs, 0
+        self.start = time.monotonic()
+        self.epoch_s, self.epochs_timed = 0.0, 0
+
+    def _print(self, trial, status: str, what: str = "") -> None:
         point = {k: v for k, v in trial.config.items() if k != TRIAL_INDEX}
         shown = "  ".join(f"{k.split('.')[-1]}={v}" for k, v in point.items())
+        elapsed = time.monotonic() - self.start
+        print(f"[{self.done}/{self.total} {elapsed:5.0f}s] {status:8} {shown}{what}", flush=True)
+
+    @staticmethod
+    def _result(result: dict, planned: int | None = None) -> str:
         acc = f"val_acc {result['val_acc']:.3f}" if "val_acc" in result else "no result"
-        self.last = time.monotonic()
-        print(f"[{self.done}/{self.total} {self.last - self.start:5.0f}s] {status:8} {shown}  "
-              f"{acc} after {result.get('training_iteration', 0)} epochs", flush=True)  # fmt: skip
+        epochs = result.get("training_iteration", 0)
+        return f"  {acc} after {epochs}{f'/{planned}' if planned else ''} epochs"
+
+    def _planned(self, trial) -> int:
+        return int(trial.config.get("train.epochs", self.epochs))
+
+    def _eta(self, trials, trial, result: dict) -> str:
+        """The sweep's ETA, as progress.eta_s computes it (Ray updates trial.last_result after
+        its callbacks: the trial reporting counts its new result)."""
+        left, running = (self.total - len(trials)) * self.epochs, 0
+        for each in trials:
+            last = result if each is trial else each.last_result or {}
+            if each.status not in ENDED:
+                left += max(0, self._planned(each) - last.get("training_iteration", 0))
+                running += each.status == "RUNNING"
+        mean = self.epoch_s / self.epochs_timed if self.epochs_timed else None
+        eta = eta_s(left, mean, running)
+        return "" if eta is None else f"  ETA {duration(eta)}"
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        self._print(trial, "started")
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        if time.monotonic() - self.last >= self.every_s:
-            self._print(trial, Status.RUNNING, result)
+        if "epoch_time_s" in result:
+            self.epoch_s += result["epoch_time_s"]
+            self.epochs_timed += 1
+        line = self._result(result, self._planned(trial)) + self._eta(trials, trial, result)
+        self._print(trial, Status.RUNNING, line)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         self.done += 1
-        self._print(trial, "done", trial.last_result or {})
+        self._print(trial, "done", self._result(trial.last_result or {}))
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self.done += 1
-        self._print(trial, Status.ERROR, trial.last_result or {})
-
-
-def count_trials(space: SpaceConfig, seeds: tuple[int, ...]) -> int:
-    """How many trials a space launches."""
-    return len(grid_points(space)) * space.num_samples * len(seeds)
+        self._print(trial, Status.ERROR, self._result(trial.last_result or {}))
 
 
 def make_tuner(
@@ -125,7 +155,7 @@ def make_tuner(
             # the checkpoints of the last minutes instead
             checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
             failure_config=tune.FailureConfig(max_failures=cfg.retries),
-            callbacks=[Progress(total), watch],
+            callbacks=[Progress(total, cfg.train.epochs), watch],
             verbose=0,
         ),
     )
