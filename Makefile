@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test test-fast lint format lock clean
+.PHONY: setup run test test-fast lint format lock docs clean
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,10 +31,14 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+docs: $(STAMP)  # the reference pages generated from the code, then the site in site/
+	$(BIN)/python docs/gen_reference.py
+	$(BIN)/mkdocs build --strict
+
 lock: $(STAMP)
 	{ grep '^#' requirements.lock; $(BIN)/python -m pip freeze --exclude-editable \
 		| grep -v '^towerspace'; } > requirements.lock.new
 	mv requirements.lock.new requirements.lock
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache site

@@ -70,7 +70,7 @@ class SchedulerConfig:
     A file may write `scheduler: asha` for `scheduler: {name: asha}`.
     """
 
-    name: str = field(default="fifo", metadata={"choices": ("fifo", "asha")})
+    name: str = field(default="fifo", metadata={"choices": ("fifo", "asha")})  # asha: stops early
     grace_period: int = field(default=1, metadata={"min": 1})  # asha: epochs before a stop
     reduction_factor: int = field(default=2, metadata={"min": 2})  # asha: keep 1/this per rung
 
@@ -84,6 +84,7 @@ def _scheduler(data: Any, where: str, path: str) -> SchedulerConfig:
 class FaultConfig:
     """For testing a sweep's fault handling: make chosen trials fail on purpose (off: no kind)."""
 
+    # raise: the trial raises; diverge: its weights turn NaN, so its loss does
     kind: str | None = field(default=None, metadata={"choices": ("raise", "diverge")})
     epoch: int = field(default=1, metadata={"min": 1})  # the epoch at which the fault strikes
     times: int = field(default=1, metadata={"min": 1})  # attempts that fail before one passes

@@ -51,7 +51,7 @@ EXPECTED = {
 class DataConfig:
     """Which data set a trial trains on, and how it is split and augmented."""
 
-    name: str = field(default="digits", metadata={"choices": NAMES})
+    name: str = field(default="digits", metadata={"choices": NAMES})  # digits: no download
     root: str | None = None  # folder holding the files (mnist, cifar, imagefolder)
     image_size: int | None = field(default=None, metadata={"min": 4})  # None: native size
     download: bool = False  # let torchvision download into root (only when asked)

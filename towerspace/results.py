@@ -33,7 +33,7 @@ class Column:
     meaning: str
 
 
-# kind → (the pandas dtype, as the README names it); absent values: NaN in str and float64
+# kind → (the pandas dtype, as the docs name it); absent values: NaN in str and float64
 # columns, <NA> in Int64 ones, [] in lists; an int64 column is never absent
 DTYPES = {
     "str": "`str`",
@@ -315,7 +315,7 @@ def history_table(records: list[dict[str, Any]]) -> pd.DataFrame:
 
 
 def schema_markdown(schema: Mapping[str, Column]) -> str:
-    """A schema as the README's table: column, dtype, meaning."""
+    """A schema as the docs' table (docs/results.md): column, dtype, meaning."""
     lines = ["| column | dtype | meaning |", "| --- | --- | --- |"]
     lines += [f"| `{name}` | {DTYPES[c.kind]} | {c.meaning} |" for name, c in schema.items()]
     return "\n".join(lines)

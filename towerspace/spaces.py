@@ -74,11 +74,11 @@ class SpaceConfig:
     """A search space: which experiment fields vary, and how they are searched."""
 
     name: str  # the file's stem: search_spaces/<name>.yaml
-    description: str = ""
+    description: str = ""  # one line, shown by towerspace spaces
     searcher: str = field(default="grid", metadata={"choices": SEARCHERS})  # optuna: TPE
     num_samples: int = field(default=1, metadata={"min": 1})  # random/optuna: points drawn
     metric: str = "val_acc"  # what optuna and asha look at
-    mode: str = field(default="max", metadata={"choices": ("max", "min")})
+    mode: str = field(default="max", metadata={"choices": ("max", "min")})  # max: higher is better
     # dotted field → domain
     params: dict[str, Domain] = field(default_factory=dict, metadata={"parse": parse_params})
 

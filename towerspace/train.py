@@ -32,21 +32,21 @@ class TrainConfig:
     """The training recipe of every trial."""
 
     epochs: int = field(default=15, metadata={"min": 1})  # passes over the train split
-    batch_size: int = field(default=128, metadata={"min": 1})
+    batch_size: int = field(default=128, metadata={"min": 1})  # global: split over workers
     optimizer: str = field(default="sgd", metadata={"choices": OPTIMIZERS})  # sgd: momentum
     lr: float = field(default=0.1, metadata={"gt": 0.0})  # peak learning rate (after warm-up)
-    momentum: float = field(default=0.9, metadata={"min": 0.0, "max": 1.0})
-    nesterov: bool = True
+    momentum: float = field(default=0.9, metadata={"min": 0.0, "max": 1.0})  # sgd
+    nesterov: bool = True  # sgd: Nesterov momentum
     weight_decay: float = field(default=5.0e-4, metadata={"min": 0.0})  # not on biases and norms
     schedule: str = field(default="cosine", metadata={"choices": SCHEDULES})  # per step
     decay_epochs: float = field(default=2.0, metadata={"gt": 0.0})  # step/exponential (paper: 2)
     gamma: float = field(default=0.94, metadata={"gt": 0.0, "max": 1.0})  # paper: 0.94
     warmup_epochs: float = field(default=0.0, metadata={"min": 0.0})  # linear, from lr/10
-    label_smoothing: float = field(default=0.0, metadata={"min": 0.0, "max": 0.5})
+    label_smoothing: float = field(default=0.0, metadata={"min": 0.0, "max": 0.5})  # of the loss
     device: str = field(default="auto", metadata={"choices": DEVICES})  # auto: cuda if present
     amp: str = field(default="auto", metadata={"choices": AMPS})  # auto: bf16 autocast on cuda
     channels_last: str = field(default="auto", metadata={"choices": SWITCHES})  # auto: on cuda
-    eval_batch_size: int = field(default=512, metadata={"min": 1})
+    eval_batch_size: int = field(default=512, metadata={"min": 1})  # validation batches
     deterministic: bool = False  # torch.use_deterministic_algorithms (GPU); CPU is anyway
     max_steps: int | None = field(default=None, metadata={"min": 1})  # cap per epoch (smoke)
 

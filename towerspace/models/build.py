@@ -96,11 +96,11 @@ MODEL_NAMES = tuple(BUILDERS)
 class ModelConfig:
     """Architecture and tower schedule of the model every trial trains."""
 
-    name: str = field(default="xception", metadata={"choices": MODEL_NAMES})
+    name: str = field(default="xception", metadata={"choices": MODEL_NAMES})  # custom: builder
     width: float = field(default=1.0, metadata={"gt": 0.0, "max": 16.0})  # width multiplier
     middle_blocks: int = field(default=8, metadata={"min": 0, "max": 64})  # paper: 8
     stem: str = field(default="auto", metadata={"choices": ("auto", *STEMS)})  # auto: small ≤ 64 px
-    order: str = field(default="spatial_first", metadata={"choices": ORDERS})
+    order: str = field(default="spatial_first", metadata={"choices": ORDERS})  # k×k conv first
     mid: str = field(default="none", metadata={"choices": MIDS})  # op between the two convs
     towers: Any = "depthwise"  # int, regular, depthwise, {group_width: w} or {position: t}
     overrides: dict[str, Any] = field(default_factory=dict)  # site prefix (e.g. middle) → spec
