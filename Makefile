@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test test-fast lint format lock docs clean
+.PHONY: setup run test test-fast lint format lock docs docs-examples clean
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ format: $(STAMP)
 docs: $(STAMP)  # the reference pages generated from the code, then the site in site/
 	$(BIN)/python docs/gen_reference.py
 	$(BIN)/mkdocs build --strict
+
+docs-examples: $(STAMP)  # rerun the demo into examples/digits_continuum/ (about 8 min), then docs
+	$(BIN)/python docs/gen_examples.py
+	$(MAKE) docs
 
 lock: $(STAMP)
 	{ grep '^#' requirements.lock; $(BIN)/python -m pip freeze --exclude-editable \
