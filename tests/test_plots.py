@@ -1,8 +1,11 @@
 """Every plot from a real sweep's results and from synthetic tables: lines, points, labels,
 scales, colours, and files on disk."""
 
+import io
+import itertools
 import json
 import math
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -209,7 +212,8 @@ def test_pareto_colours_groups_and_draws_a_front_per_group():
     assert _legend(fig) == ["pointwise_first", "spatial_first"] and ax.get_legend() is None
     single = plots.pareto(_grid()).axes[0]
     assert [t.get_text() for t in single.get_legend().get_texts()] == ["Pareto front"]
-    assert [t.get_text() for t in single.texts] == ["1", "2", "depthwise"]  # every point named
+    names = [t.get_text() for t in single.texts]  # every point named, the front's first
+    assert names[:2] == ["depthwise", "1"] and sorted(names) == ["1", "2", "depthwise"]
 
 
 def test_edf_of_a_grid_has_a_curve_per_point():
@@ -287,23 +291,190 @@ def test_report_of_a_sampled_space(tmp_path):
     assert _legend(plots.edf(table)) == ["sampled models (n=6)"]
 
 
-def test_long_point_labels_are_slanted_not_overlapping():
-    from towerspace import analysis, plots
+SITES = {"entry.block2.convs.0": 16, "middle.block5.convs.0": 32, "exit.block13.convs.0": 64}
+FLOWS = {  # per-flow schedules (entry, middle, exit towers; depthwise is the channels) and accuracy
+    "depthwise [entry=2, middle=4, exit=2]": ((2, 4, 2), 0.80),
+    "depthwise [entry=8, middle=8, exit=8]": ((8, 8, 8), 0.84),
+    "depthwise [entry=1, middle=depthwise, exit=16]": ((1, 32, 16), 0.79),
+}
 
-    table = pd.DataFrame({
-        "experiment": "e", "data": "d", "status": "finished", "seed": 0, "final_val_acc": 0.9,
-        "trial_id": ["a", "b"], "params": 1, "flops": 1, "training_flops": 3, "images_per_s": 1.0,
-        "towers": ["1", "4 [entry=2, middle=8, exit=depthwise]"],
-        "realized_towers": ['{"s": {"towers": 1, "group_width": 8, "position": 0.0, '
-                            '"regime": "regular", "channels": 8}}',
-                            '{"s": {"towers": 4, "group_width": 2, "position": 0.67, '
-                            '"regime": "inception", "channels": 8}}'],
-    })  # fmt: skip
-    assert analysis.summarize(table)["n"].tolist() == [1, 1]
-    ax = plots.continuum(table).axes[0]
-    labels = ax.get_xticklabels()
-    assert [t.get_text() for t in labels] == ["1", "4 [entry=2, middle=8, exit=depthwise]"]
-    assert {t.get_rotation() for t in labels} == {30.0}
+
+def _per_flow(points=tuple(FLOWS)):
+    """A per_flow sweep: each schedule over seeds 0 and 1 (accuracy -0.01 and +0.01)."""
+    rows = []
+    for label in points:
+        towers, acc = FLOWS[label]
+        realized = {site: _site(t, c) for (site, c), t in zip(SITES.items(), towers, strict=True)}
+        for seed in (0, 1):
+            rows.append({**_trial(label, (1, 1), seed, acc + 0.02 * seed - 0.01),
+                         "flops": 1000 * sum(towers), "images_per_s": 10.0 * towers[1],
+                         "realized_towers": json.dumps(realized)})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def _names(fig, ax):
+    """The point names an axes shows, and their boxes (in pixels) once the figure is saved."""
+    fig.savefig(io.BytesIO(), format="png", dpi=150)
+    fig.draw_without_rendering()
+    renderer = fig.canvas.get_renderer()
+    names = [t for t in ax.texts if t.get_text() not in (*analysis.REGIMES, "Inception-style")]
+    return [t.get_text() for t in names], [t.get_window_extent(renderer) for t in names]
+
+
+def _shown(axis):
+    """The tick labels an axis shows (within its view; the locator gives some beyond it)."""
+    low, high = sorted(axis.get_view_interval())
+    ticks = zip(axis.get_ticklocs(), axis.get_ticklabels(), strict=True)
+    return [label.get_text() for at, label in ticks if low <= at <= high]
+
+
+def _apart(fig, ax, boxes):
+    inside = ax.get_window_extent(fig.canvas.get_renderer())
+    assert all(inside.contains(b.x0, b.y0) and inside.contains(b.x1, b.y1) for b in boxes)
+    assert not any(a.overlaps(b) for a, b in itertools.combinations(boxes, 2))
+
+
+def test_per_flow_points_sit_at_their_mean_unjoined():
+    fig = plots.continuum(_per_flow())
+    (ax,) = fig.axes
+    (bars,) = ax.containers
+    geomeans = [16 ** (1 / 3), 8, 8]  # of the three flows' towers, regular end first
+    assert list(bars.lines[0].get_xdata()) == pytest.approx(sorted(geomeans))
+    assert bars.lines[0].get_linestyle() == "None" and bars.has_yerr  # seeds: intervals shown
+    assert ax.get_xlabel() == "geometric mean towers (log2 scale)" == plots.OFF_AXIS
+    ticks = [t.get_text() for t in ax.get_xticklabels() if t.get_text()]
+    assert ticks and not any("[" in t for t in ticks)  # numbers, not schedules
+    names, boxes = _names(fig, ax)
+    assert names == [  # each schedule named beside its point, the most accurate first
+        "depthwise [entry=8, middle=8, exit=8]", "depthwise [entry=2, middle=4, exit=2]",
+        "depthwise [entry=1, middle=depthwise, exit=16]"]  # fmt: skip
+    _apart(fig, ax, boxes)
+    (bars,) = plots.continuum(_per_flow(), x="position").axes[0].containers
+    assert bars.lines[0].get_linestyle() == "None"
+    for ax in plots.cost(_per_flow()).axes:
+        assert [line.get_linestyle() for line in ax.get_lines()] == ["None"]
+        assert ax.get_xlabel() == plots.OFF_AXIS
+
+
+def test_a_grid_with_per_flow_points_keeps_its_line():
+    table = pd.concat([_grid(), _per_flow(points=list(FLOWS)[:1])], ignore_index=True)
+    fig = plots.continuum(table)
+    (ax,) = fig.axes
+    grid, flows = ax.containers  # the grid joined, the schedule apart
+    assert list(grid.lines[0].get_xdata()) == pytest.approx([1, 2, 8])
+    assert grid.lines[0].get_linestyle() == "-" and flows.lines[0].get_linestyle() == "None"
+    assert list(flows.lines[0].get_xdata()) == pytest.approx([16 ** (1 / 3)])
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["1", "2", "depthwise"]
+    assert ax.get_xlabel() == "towers (log2 scale)\nschedules at their geometric mean"
+    assert not fig.legends  # one order: one line, one colour, no legend
+    assert _names(fig, ax)[0] == ["depthwise [entry=2, middle=4, exit=2]"]
+    params, _, _ = plots.cost(table).axes
+    assert [line.get_linestyle() for line in params.get_lines()] == ["-", "None"]
+    assert [len(line.get_xdata()) for line in params.get_lines()] == [3, 1]
+
+
+def test_pareto_names_do_not_overlap():
+    # six points within 0.5% of each other's cost and 0.3 points of accuracy, one far away
+    table = pd.DataFrame([_trial(str(2**k), (1, 1), seed, 0.9 + 0.0005 * k * (-1) ** k)
+                          for k in range(6) for seed in (0, 1)]
+                         + [_trial("depthwise", (1, 1), seed, 0.6) for seed in (0, 1)])  # fmt: skip
+    table["flops"] = [100_000 + 100 * (i // 2) for i in range(12)] + [1_000_000] * 2
+    fig = plots.pareto(table)
+    ax = fig.axes[0]
+    names, boxes = _names(fig, ax)
+    front = plots.pareto_front(analysis.summarize(table), "flops", False)["towers"]
+    assert names[: len(front)] == [str(t) for t in front]  # the front keeps its names
+    assert 1 < len(names) <= 7
+    _apart(fig, ax, boxes)
+    again = plots.pareto(table)
+    assert [(t.get_text(), t.xyann) for t in again.axes[0].texts] == [
+        (t.get_text(), t.xyann) for t in ax.texts]  # fmt: skip
+    for cost in ("flops", "throughput"):  # long schedule names too
+        fig = plots.pareto(_per_flow(), cost=cost)
+        _apart(fig, fig.axes[0], _names(fig, fig.axes[0])[1])
+
+
+def test_cost_keeps_equal_parameters_off_the_frame_with_plain_ticks():
+    table = _grid().assign(params=728_937, flops=lambda t: 7_000_000 + 1000 * t.index)
+    fig = plots.cost(table)
+    fig.draw_without_rendering()
+    params, flops, _ = fig.axes
+    (line,) = params.get_lines()
+    assert set(line.get_ydata()) == {728_937}  # matched: one value
+    assert params.get_ylim()[0] == 0 and params.get_ylim()[1] >= 1.1 * 728_937
+    for ax in fig.axes:
+        assert ax.yaxis.get_offset_text().get_text() == ""  # no 1e6 above the axis
+        shown = _shown(ax.yaxis)
+        assert shown and not any(c in t for t in shown for c in "e×$")
+    assert _shown(params.yaxis) == ["0", "100k", "200k", "300k", "400k", "500k", "600k", "700k",
+                                    "800k"]  # fmt: skip
+    assert _shown(flops.yaxis)[-2:] == ["7M", "8M"]
+    assert [plots._compact(v) for v in (0, 950, 1500, 2.5e6, 16.7e9, 0.25)] == [
+        "0", "950", "1.5k", "2.5M", "16.7G", "0.25"]  # fmt: skip
+
+
+def test_curves_of_one_epoch_are_points():
+    history = pd.DataFrame([{"trial_id": f"{p}-{s}", "towers": p, "seed": s, "epoch": 1,
+                             "val_acc": 0.5 + 0.1 * s} for p in ("1", "random/3", "random/4")
+                            for s in (0, 1)])  # fmt: skip
+    fig = plots.curves(history)
+    fig.draw_without_rendering()
+    ax = fig.axes[0]
+    assert [line.get_marker() for line in ax.get_lines()] == ["o"] * 4  # models faintly, means
+    assert all(list(line.get_xdata()) == [1] for line in ax.get_lines())
+    assert _shown(ax.xaxis) == ["1"]
+    longer = pd.concat([history, history.assign(epoch=2)])
+    assert {line.get_marker() for line in plots.curves(longer).axes[0].get_lines()} == {"None"}
+
+
+def test_a_title_beside_a_wide_legend_takes_two_lines():
+    table = _per_flow().assign(experiment="digits_continuum")
+    history = table[["trial_id", "towers", "seed"]].assign(epoch=1, val_acc=table["final_val_acc"])
+    fig = plots.curves(history, results=table)  # a legend of schedules: narrow axes
+    title = fig.axes[0].title
+    assert title.get_text() == "digits_continuum on digits:\nvalidation accuracy per epoch"
+    fig.savefig(io.BytesIO(), format="png")
+    renderer = fig.canvas.get_renderer()
+    assert not title.get_window_extent(renderer).overlaps(
+        fig.legends[0].get_window_extent(renderer)
+    )
+
+
+def _report_figures(sweep_dir, out, monkeypatch):
+    """write_report's figures (each saved as PNG and SVG) and every warning raised meanwhile."""
+    drawn, save = {}, plots.save
+    monkeypatch.setattr(plots, "save", lambda fig, stem, **kw: drawn.setdefault(stem.name, fig)
+                        and save(fig, stem, **kw))  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = write_report(sweep_dir, out=out)
+    assert len(report.figures) == 14
+    return drawn, [f"{w.category.__name__}: {w.message}" for w in caught]
+
+
+def _assert_clean(drawn, caught):
+    assert caught == []
+    assert list(drawn) == ["continuum", "continuum_position", "cost", "pareto_flops",
+                           "pareto_throughput", "edf", "curves"]  # fmt: skip
+    for name, fig in drawn.items():
+        assert fig.axes and all(ax.has_data() for ax in fig.axes), name
+
+
+def test_report_of_a_per_flow_sweep_renders_cleanly(tmp_path, monkeypatch):
+    for row in _per_flow().to_dict("records"):
+        realized = json.loads(row.pop("realized_towers"))
+        history = [{"epoch": 1, "val_acc": row["final_val_acc"]}]  # one epoch: points
+        record = {**row, "realized": realized, "history": history}
+        files.write_json(tmp_path / "records" / f"{row['trial_id']}.json", record)
+    _assert_clean(*_report_figures(tmp_path, tmp_path / "out", monkeypatch))
+
+
+@slow
+def test_report_of_a_one_epoch_grid_renders_cleanly(tiny_sweep, tmp_path, monkeypatch):
+    drawn, caught = _report_figures(tiny_sweep.sweep_dir, tmp_path, monkeypatch)
+    _assert_clean(drawn, caught)
+    markers = {line.get_marker() for line in drawn["curves"].axes[0].get_lines()}
+    assert markers == {"o"}  # one epoch: points, not invisible one-point lines
 
 
 def test_plots_skip_tower_labels_without_trials():

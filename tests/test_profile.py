@@ -118,3 +118,25 @@ def test_model_bytes_counts_every_leaf_once_per_pass():
     conv = 4 * 2 * 25 + 4 * 3 * 25 + 6  # input, output, weights
     relu = 2 * 4 * 3 * 25
     assert profile._model_bytes(model, x) == 3 * 4 * (conv + relu)
+
+
+def test_profile_figures_draw_one_legend():
+    from towerspace import plots
+
+    impls = ("native", "channels_last")
+    block = pd.DataFrame([{"towers": t, "impl": impl, "time_ms": 1.0 + t + k, "flops": 1e6,
+                           "gflops_per_s": 10.0 / t, "bytes": 1e5}
+                          for k, impl in enumerate(impls) for t in (1, 2, 4)])  # fmt: skip
+    model = pd.DataFrame([{"towers": t, "impl": impl, "step_ms": 10.0 + k, "flops": 1e9,
+                           "gflops_per_s": 5.0 + k, "bytes": 1e8}
+                          for k, impl in enumerate(impls) for t in ("1", "depthwise")])  # fmt: skip
+    roofs = {"dense_conv_gflops_per_s": 50.0, "bandwidth_gb_per_s": 10.0}
+    for fig in (plots.speed(block, roofs), profile.model_speed_figure(model, roofs)):
+        (legend,) = fig.legends  # both panels' lines, each once, beside the panels
+        assert [t.get_text() for t in legend.get_texts()] == [
+            "native", "channels_last", "dense conv (measured)", "bandwidth roof"]  # fmt: skip
+        assert legend.get_title().get_text() == "implementation / roof"
+        assert all(ax.get_legend() is None for ax in fig.axes)
+    (legend,) = plots.speed(block).legends  # no roofs: the implementations alone
+    assert [t.get_text() for t in legend.get_texts()] == ["native", "channels_last"]
+    assert legend.get_title().get_text() == "implementation"

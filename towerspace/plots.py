@@ -7,12 +7,14 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import ScalarFormatter
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+from matplotlib.transforms import Bbox
 
 from towerspace import analysis, files
 from towerspace.status import Status
-from towerspace.towers import label_order
+from towerspace.towers import TowerLabel, label_order
 
 # Okabe-Ito: distinguishable with the common colour-vision deficiencies
 COLORS = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000")
@@ -21,7 +23,7 @@ AXES = {  # x: (column in summaries/derived tables, axis label, log2 scale)
     "group_width": ("group_width", "channels per tower (log2 scale)", True),
     "position": ("position", "position on the continuum (0 regular, 1 depthwise)", False),
 }
-LONG_TICK = 10  # characters: longer tick labels (per-flow points) are slanted
+OFF_AXIS = "geometric mean towers (log2 scale)"  # over layers: where no point is on the axis
 COSTS = {
     "params": ("params", "parameters", False),
     "flops": ("flops", "forward FLOPs per image", False),
@@ -40,6 +42,24 @@ def _title(table: pd.DataFrame, what: str) -> str:
     return f"{head}: {what}" if head else what
 
 
+def _set_title(ax, text: str, **kwargs) -> None:
+    """The axes' title, in two lines ('experiment on data:', 'what') where one would run under
+    a legend beside the axes (long legend labels narrow the axes). Lays the figure out."""
+    title = ax.set_title(text, fontsize=10, **kwargs)
+    if ax.figure.legends and ": " in text:
+        renderer = _laid_out(ax.figure)
+        box = title.get_window_extent(renderer)
+        if any(box.overlaps(legend.get_window_extent(renderer)) for legend in ax.figure.legends):
+            title.set_text(text.replace(": ", ":\n", 1))
+
+
+def _laid_out(fig: Figure):
+    """Lay the figure out (constrained layout) and return a renderer to measure text with."""
+    FigureCanvasAgg(fig)  # savefig still picks its own canvas per format
+    fig.draw_without_rendering()
+    return fig.canvas.get_renderer()
+
+
 def _label(key: tuple | str) -> str:
     return " / ".join(map(str, key)) if isinstance(key, tuple) else str(key)
 
@@ -52,6 +72,29 @@ def _x(table: pd.DataFrame, x: str) -> pd.Series:
     return table[AXES[x][0]]
 
 
+def _compact(value: float, _position: object = None) -> str:
+    """A tick label in plain digits, thousands as k, M, G, T (no offset, no powers of ten)."""
+    for power, suffix in ((12, "T"), (9, "G"), (6, "M"), (3, "k")):
+        if abs(value) >= 10**power:
+            return f"{value / 10**power:.4g}{suffix}"
+    return f"{value:.4g}"
+
+
+def _on_axis(summary: pd.DataFrame) -> pd.Series:
+    """Which points are one place on the continuum: a count, group width or position asked for
+    every layer. A schedule with per-flow overrides or a model drawn at random is not: it sits
+    at its geometric mean over layers, a point among others, not on a line through them."""
+    labels = [TowerLabel.parse(t) for t in summary["towers"]]
+    return pd.Series([not (t.sampled or t.overrides) for t in labels], index=summary.index)
+
+
+def _parts(line: pd.DataFrame):
+    """(points, joined): the points on the axis, joined by a line, then those off it."""
+    on = _on_axis(line)
+    yield from ((part, joined) for part, joined in ((line[on], True), (line[~on], False))
+                if not part.empty)  # fmt: skip
+
+
 def _lines(summary: pd.DataFrame):
     keys = [c for c in analysis.GROUPS if c in summary and summary[c].nunique() > 1]
     if not keys:
@@ -60,24 +103,22 @@ def _lines(summary: pd.DataFrame):
     yield from summary.groupby(keys, sort=False, observed=True)
 
 
-def _linestyle(summary: pd.DataFrame) -> str:
-    # models drawn at random have no order along the continuum: points, not a line through them
-    return "none" if analysis.is_population(summary) else "-"
-
-
 def _axis(ax, x: str, summary: pd.DataFrame) -> None:
     ax.set_xlabel(AXES[x][1])
     if AXES[x][2]:
         ax.set_xscale("log", base=2)
-    if x == "towers" and analysis.is_population(summary):  # too many points to name
-        ax.xaxis.set_major_formatter(ScalarFormatter())
-    elif x == "towers":  # points are named as asked; they sit at the geometric mean over layers
-        ticks = summary.drop_duplicates("towers")
-        labels = [str(t) for t in ticks["towers"]]
-        long = max(map(len, labels), default=0) > LONG_TICK  # per-flow labels: slant, not overlap
-        ax.set_xticks(ticks["effective_towers"], labels, fontsize=7 if long else 8,
-                      rotation=30 if long else 0, ha="right" if long else "center")  # fmt: skip
-        ax.minorticks_off()
+    if x != "towers":
+        return
+    on = _on_axis(summary)
+    if not on.any():  # schedules and sampled models: numbers, not names
+        ax.set_xlabel(OFF_AXIS)
+        _log_ticks(ax.xaxis, summary["effective_towers"], base=2)
+        return
+    if not on.all():
+        ax.set_xlabel("towers (log2 scale)\nschedules at their geometric mean")
+    ticks = summary[on].drop_duplicates("towers")  # named as asked, at the mean over layers
+    ax.set_xticks(ticks["effective_towers"], [str(t) for t in ticks["towers"]], fontsize=8)
+    ax.minorticks_off()
 
 
 def _shade_regimes(ax, summary: pd.DataFrame, x: str) -> None:
@@ -110,20 +151,26 @@ def continuum(results: pd.DataFrame, x: str = "towers", metric: str = analysis.M
     _shade_regimes(ax, summary, x)
     for i, (key, line) in enumerate(_lines(summary)):
         color = COLORS[i % len(COLORS)]
-        xs, mean = _x(line, x), line["mean"]
-        low, high = line["asin_ci_low"], line["asin_ci_high"]  # within [0, 1]
-        err = np.nan_to_num(np.vstack([mean - low, high - mean]).clip(0))
-        sampled = analysis.is_population(line)  # a model's few seeds: its dots say enough
-        ax.errorbar(xs, mean, yerr=None if sampled else err, color=color, marker="o", capsize=3,
-                    ls=_linestyle(line), label=_label(key))  # fmt: skip
+        for j, (part, joined) in enumerate(_parts(line)):
+            xs, mean = _x(part, x), part["mean"]
+            low, high = part["asin_ci_low"], part["asin_ci_high"]  # within [0, 1]
+            err = np.nan_to_num(np.vstack([mean - low, high - mean]).clip(0))
+            sampled = analysis.is_population(part)  # a model's few seeds: its dots say enough
+            ax.errorbar(xs, mean, yerr=None if sampled else err, color=color, marker="o",
+                        capsize=3, ls="-" if joined else "none",
+                        label=_label(key) if j == 0 else "_nolegend_")  # fmt: skip
         keys = [c for c in analysis.GROUPS if c in line and line[c].nunique() == 1]
         mine = trials.merge(line[keys].drop_duplicates(), on=keys) if keys else trials
         ax.scatter(_x(mine, x), mine[metric], color=color, alpha=0.45, s=18, lw=0, zorder=3)
     _axis(ax, x, summary)
     ax.set_ylabel("validation accuracy (top-1, final epoch)")
-    ax.set_title(_title(results, "accuracy across the tower continuum"), fontsize=10, pad=14)
     if len(list(_lines(summary))) > 1:
         fig.legend(loc="outside right upper", fontsize=8, title="order / mid / match")
+    _set_title(ax, _title(results, "accuracy across the tower continuum"), pad=14)
+    drawn = np.array([TowerLabel.parse(t).sampled for t in summary["towers"]], dtype=bool)
+    named = summary[~_on_axis(summary) & ~drawn]  # schedules (not random models): named
+    named = named.sort_values("mean", ascending=False, kind="stable")  # the best first
+    _name_points(ax, zip(_x(named, x), named["mean"], named["towers"], strict=True), fontsize=7)
     return fig
 
 
@@ -134,11 +181,16 @@ def cost(results: pd.DataFrame, x: str = "towers") -> Figure:
     axes = fig.subplots(1, 3)
     for ax, (column, label, _) in zip(axes, COSTS.values(), strict=True):
         for i, (key, line) in enumerate(_lines(summary)):
-            ax.plot(_x(line, x), line[column], marker="o", color=COLORS[i % len(COLORS)],
-                    ls=_linestyle(line), label=_label(key))  # fmt: skip
+            for j, (part, joined) in enumerate(_parts(line)):
+                ax.plot(_x(part, x), part[column], marker="o", color=COLORS[i % len(COLORS)],
+                        ls="-" if joined else "none",
+                        label=_label(key) if j == 0 else "_nolegend_")  # fmt: skip
         _axis(ax, x, summary)
         ax.set_ylabel(label)
-        ax.set_ylim(bottom=0)
+        top = summary[column].max()
+        # from zero, with headroom: equal (matched) costs are a flat line, not one on the frame
+        ax.set_ylim(0, 1.15 * top if np.isfinite(top) and top > 0 else None)
+        ax.yaxis.set_major_formatter(FuncFormatter(_compact))
     fig.suptitle(_title(results, "cost across the tower continuum (per image)"), fontsize=10)
     return fig
 
@@ -151,14 +203,19 @@ def pareto(results: pd.DataFrame, cost: str = "flops", metric: str = analysis.ME
     lines = list(_lines(analysis.summarize(results, metric=metric)))
     fig = Figure(figsize=(6.5, 4.5), layout="constrained")
     ax = fig.add_subplot()
+    fronts, others = [], []
     for i, (key, line) in enumerate(lines):
         color = COLORS[i % len(COLORS)]
         front = pareto_front(line, column, higher_is_better)
         ax.scatter(line[column], line["mean"], color=color, zorder=3)
         ax.plot(front[column], front["mean"], color=color, marker="D", mfc="none", ms=10,
                 label=_label(key) if len(lines) > 1 else "Pareto front", zorder=2)  # fmt: skip
-        _name_points(ax, front if analysis.is_population(line) else line, column)
+        fronts.append(front)
+        if not analysis.is_population(line):  # models drawn at random: only the front is named
+            others.append(line.drop(front.index).sort_values("mean", ascending=False))
+    ax.margins(0.08)
     ax.set_xscale("log")
+    _log_ticks(ax.xaxis, pd.concat([line for _, line in lines])[column], base=10)
     ax.set_xlabel(label + (" (higher is better)" if higher_is_better else ""))
     ax.set_ylabel("validation accuracy (mean over seeds)")
     if len(lines) > 1:
@@ -166,15 +223,65 @@ def pareto(results: pd.DataFrame, cost: str = "flops", metric: str = analysis.ME
         fig.legend(loc="outside right upper", fontsize=8, title=title)
     else:
         ax.legend(loc="best", fontsize=8)
-    ax.set_title(_title(results, f"accuracy against {label}"), fontsize=10)
+    _set_title(ax, _title(results, f"accuracy against {label}"))
+    named = pd.concat([*fronts, *others])  # fronts first: they keep their names when crowded
+    _name_points(ax, zip(named[column], named["mean"], named["towers"], strict=True))
     return fig
 
 
-def _name_points(ax, points: pd.DataFrame, column: str) -> None:
-    """Label each point with its towers as asked."""
-    for _, row in points.iterrows():
-        ax.annotate(str(row["towers"]), (row[column], row["mean"]), xytext=(4, 4),
-                    textcoords="offset points", fontsize=8)  # fmt: skip
+def _log_ticks(axis, values: pd.Series, base: int) -> None:
+    """Plain tick labels on a log axis (base 10 or 2) over values: within a factor of base, a
+    few round values (powers would give one label or none); wider, 1, 2 and 5 times powers of
+    ten, or 1 and 1.5 times powers of two."""
+    low, high = values.min(), values.max()
+    narrow = np.isfinite([low, high]).all() and low > 0 and high < base * low
+    subs = (1.0, 2.0, 5.0) if base == 10 else (1.0, 1.5)
+    axis.set_major_locator(MaxNLocator(nbins=4) if narrow else LogLocator(base, subs=subs))
+    axis.set_major_formatter(FuncFormatter(_compact))
+    axis.set_minor_formatter(NullFormatter())
+
+
+# beside the point: right-up, right-down, left-up, left-down, above, below (points, alignment)
+PLACES = (
+    (5, 2, "left", "bottom"),
+    (5, -2, "left", "top"),
+    (-5, 2, "right", "bottom"),
+    (-5, -2, "right", "top"),
+    (0, 6, "center", "bottom"),
+    (0, -6, "center", "top"),
+)
+MARKER = 5.0  # points: half a pareto diamond's width, the room a marker takes
+LABEL_BOX = {"fc": "white", "ec": "none", "alpha": 0.7, "pad": 0.5}  # legible over lines
+
+
+def _name_points(ax, points, fontsize: float = 8) -> None:
+    """Name points (x, y, name), most important first, without overlap: each name takes the
+    first of PLACES that stays inside the axes, clear of other markers, the legends and the
+    names placed before it; a name with no such place is left out. Lays the figure out to
+    measure text, so it comes last; the names take no part in the layout."""
+    points = [(float(x), float(y), str(name)) for x, y, name in points]
+    if not points:
+        return
+    fig = ax.figure
+    renderer = _laid_out(fig)
+    inside = ax.get_window_extent(renderer)
+    r = MARKER * fig.dpi / 72
+    centres = ax.transData.transform([(x, y) for x, y, _ in points])
+    markers = [Bbox.from_extents(cx - r, cy - r, cx + r, cy + r) for cx, cy in centres]
+    legends = [lg.get_window_extent(renderer) for lg in (ax.get_legend(), *fig.legends) if lg]
+    taken: list[Bbox] = []
+    for i, (x, y, name) in enumerate(points):
+        blocked = [*taken, *legends, *(m for j, m in enumerate(markers) if j != i)]
+        for dx, dy, ha, va in PLACES:
+            text = ax.annotate(name, (x, y), xytext=(dx, dy), textcoords="offset points",
+                               ha=ha, va=va, fontsize=fontsize, bbox=LABEL_BOX)  # fmt: skip
+            text.set_in_layout(False)
+            box = text.get_window_extent(renderer)
+            fits = inside.x0 <= box.x0 and box.x1 <= inside.x1 and inside.y0 <= box.y0
+            if fits and box.y1 <= inside.y1 and not any(box.overlaps(b) for b in blocked):
+                taken.append(box)
+                break
+            text.remove()
 
 
 def pareto_front(summary: pd.DataFrame, column: str, higher_is_better: bool) -> pd.DataFrame:
@@ -212,7 +319,7 @@ def edf(results: pd.DataFrame, by: str = "towers", metric: str = analysis.METRIC
     ax.set_ylabel("cumulative fraction of models")
     ax.set_ylim(0, 1.02)
     fig.legend(loc="outside right upper", fontsize=8, title=" / ".join(keys))
-    ax.set_title(_title(results, f"error EDF by {' / '.join(keys)}"), fontsize=10)
+    _set_title(ax, _title(results, f"error EDF by {' / '.join(keys)}"))
     return fig
 
 
@@ -243,15 +350,17 @@ def curves(
         models = rows.groupby(["towers", "epoch"], sort=False, observed=True)[metric].mean()
         models = models.unstack("towers")
         color, n = COLORS[i % len(COLORS)], models.shape[1]
+        marker = "o" if len(models.index) < 2 else None  # one epoch is a point, not a line
         if n > 1:
-            ax.plot(models.index, models.to_numpy(), color=color, alpha=0.25, lw=0.8)
-        ax.plot(models.index, models.mean(axis=1).to_numpy(), color=color,
+            ax.plot(models.index, models.to_numpy(), color=color, alpha=0.25, lw=0.8,
+                    marker=marker, ms=3)  # fmt: skip
+        ax.plot(models.index, models.mean(axis=1).to_numpy(), color=color, marker=marker,
                 label=f"{name} (n={n})" if n > 1 else str(name))  # fmt: skip
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # epochs are whole
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation accuracy (top-1, mean over seeds)")
     fig.legend(loc="outside right upper", fontsize=8, title="towers")
-    ax.set_title(_title(history if results is None else results, "validation accuracy per epoch"),
-                 fontsize=10)  # fmt: skip
+    _set_title(ax, _title(history if results is None else results, "validation accuracy per epoch"))
     return fig
 
 
@@ -284,12 +393,20 @@ def speed(
         ax.set_yscale("log")
         ax.set_xlabel("towers (log2 scale)")
         ax.set_ylabel(label)
-    fig.legend(*left.get_legend_handles_labels(), loc="outside right upper", fontsize=8,
-               title="implementation")  # fmt: skip
-    if roofs:
-        right.legend(loc="lower left", fontsize=7)
+    one_legend(fig, loc="outside right upper", fontsize=8,
+               title="implementation / roof" if roofs else "implementation")  # fmt: skip
     fig.suptitle(title, fontsize=10)
     return fig
+
+
+def one_legend(fig: Figure, **kwargs) -> None:
+    """One figure legend of every labelled line in the figure's axes, each label once (axes
+    that share their lines would otherwise list them twice)."""
+    handles: dict[str, object] = {}
+    for ax in fig.axes:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, handle)
+    fig.legend(list(handles.values()), list(handles), **kwargs)
 
 
 def save(

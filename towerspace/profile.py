@@ -224,6 +224,8 @@ def model_speed_figure(
     measured dense-conv FLOP/s and bandwidth roof (copy bandwidth × flops / bytes)."""
     from matplotlib.figure import Figure
 
+    from towerspace.plots import one_legend
+
     specs = list(dict.fromkeys(table["towers"]))
     fig = Figure(figsize=(11, 4), layout="constrained")
     left, right = fig.subplots(1, 2)
@@ -243,6 +245,7 @@ def model_speed_figure(
         ax.set_yscale("log")
         ax.set_xlabel("tower spec")
         ax.set_ylabel(label)
-        ax.legend(fontsize=7)
+    one_legend(fig, loc="outside right upper", fontsize=8,
+               title="implementation / roof" if roofs else "implementation")  # fmt: skip
     fig.suptitle(title, fontsize=10)
     return fig
