@@ -180,7 +180,8 @@ def test_status_loads_neither_ray_nor_torch(tmp_path):
 
 
 SWEEP = ("--set", "train.epochs=2", "--set", "train.max_steps=2", "--set", "model.width=0.125",
-         "--set", "model.middle_blocks=1", "--set", "seeds=[0]")  # fmt: skip
+         "--set", "model.middle_blocks=1", "--set", "seeds=[0]", "--set", "train.batch_size=32",
+         "--set", "space.params={model.towers: {grid: [1, 4, depthwise]}}")  # fmt: skip
 
 
 def _finished(records) -> int:
@@ -215,7 +216,7 @@ def test_status_of_a_running_sweep_and_the_sweeps_own_lines(tmp_path, records_no
         if driver.poll() is None:
             driver.kill()
     counts = report["counts"]
-    assert report["total"] == 7 and sum(counts.values()) == 7  # 7 points x 1 seed
+    assert report["total"] == 3 and sum(counts.values()) == 3  # 3 points x 1 seed
     assert finished_before <= counts["finished"] <= finished_after
     assert counts["running"] + counts["pending"] >= 1  # caught before the end
     assert counts["error"] == counts["diverged"] == 0
@@ -224,10 +225,10 @@ def test_status_of_a_running_sweep_and_the_sweeps_own_lines(tmp_path, records_no
     assert report["best"]["epochs_run"] >= 1
     # the sweep's own lines: one when a trial starts, one per epoch with the sweep's ETA
     text, errors = out.read_text(), err.read_text()
-    assert len(re.findall(r"\] started  towers=\S+  seed=0\n", text)) == 7
+    assert len(re.findall(r"\] started  towers=\S+  seed=0\n", text)) == 3
     epochs = re.findall(r"\] running  towers=\S+  seed=0  val_acc [\d.]+ after (\d)/2 epochs  "
                         r"ETA \d+[smhd]", text)  # fmt: skip
-    assert sorted(epochs) == ["1"] * 7 + ["2"] * 7
+    assert sorted(epochs) == ["1"] * 3 + ["2"] * 3
     assert f"TensorBoard: tensorboard --logdir {Path('runs/digits_continuum')}\n" in text
     # no Ray warnings that do not concern the user: token authentication, a staging folder
     for noise in ("Token authentication", "RAY_AUTH_MODE", "To visualize your results",
@@ -235,7 +236,7 @@ def test_status_of_a_running_sweep_and_the_sweeps_own_lines(tmp_path, records_no
         assert noise not in text + errors
     assert main(["status", str(sweep_dir)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == "digits_continuum: 7 trials: 7 finished"
+    assert lines[0] == "digits_continuum: 3 trials: 3 finished"
     assert lines[1].startswith("ended: ran ")
 
 

@@ -218,11 +218,8 @@ def pareto(results: pd.DataFrame, cost: str = "flops", metric: str = analysis.ME
     _log_ticks(ax.xaxis, pd.concat([line for _, line in lines])[column], base=10)
     ax.set_xlabel(label + (" (higher is better)" if higher_is_better else ""))
     ax.set_ylabel("validation accuracy (mean over seeds)")
-    if len(lines) > 1:
-        title = "Pareto front of\norder / mid / match"
-        fig.legend(loc="outside right upper", fontsize=8, title=title)
-    else:
-        ax.legend(loc="best", fontsize=8)
+    title = "Pareto front of\norder / mid / match" if len(lines) > 1 else None
+    fig.legend(loc="outside right upper", fontsize=8, title=title)  # beside: never on a point
     _set_title(ax, _title(results, f"accuracy against {label}"))
     named = pd.concat([*fronts, *others])  # fronts first: they keep their names when crowded
     _name_points(ax, zip(named[column], named["mean"], named["towers"], strict=True))
