@@ -31,6 +31,16 @@ def test_generated_pages_are_what_the_code_gives_now():
     assert gen.stale(generated) == [], "out of date: run make docs and commit the pages it writes"
 
 
+@pytest.mark.slow  # runs the commands the docs show (about 20 s)
+def test_command_outputs_in_the_docs_are_what_the_commands_print_now():
+    gen = _generator()
+    generated = gen.output_pages()
+    blocks = sum(text.count("<!-- output: ") for text in generated.values())
+    assert blocks == 5  # models, two estimates, an error, an export
+    assert "$ towerspace models --match params" in generated[REPO / "docs/continuum.md"]
+    assert gen.stale(generated) == [], "out of date: run make docs and commit the pages it writes"
+
+
 def test_every_experiment_field_has_a_meaning_in_the_reference():
     assert _generator().undocumented() == [], "add a comment beside these fields in the code"
 
