@@ -44,7 +44,7 @@ def category(value: Any) -> Any:
 
 def _points(records: Sequence[Mapping[str, Any]]) -> dict[tuple[str, int], list[Mapping]]:
     """Records grouped by point and sample (a point's seeds together; a point a searcher
-    proposed twice is two samples), in the order trials started."""
+    proposed twice is two samples), in trial-id order (a grid's: the order Tune made them)."""
     grouped: dict[tuple[str, int], list[Mapping[str, Any]]] = {}
     for record in sorted(records, key=lambda r: r.get("trial_id", "")):
         point = json.dumps(record.get("point", {}), sort_keys=True)
