@@ -1,10 +1,13 @@
-"""Rerun the default demo (`make run`'s sweep) and ship what it wrote as examples/digits_continuum/:
-its printed output, trial records, tables and figures; then re-execute the analysis notebook on
-it. About 8 minutes on 2 CPUs. `make docs-examples` runs this, then `make docs`, which copies
-excerpts of the output into the README and the docs (docs/gen_reference.py)."""
+"""Rerun the sweeps whose output the docs show and ship what they wrote: the default demo
+(`make run`'s sweep) as examples/digits_continuum/ (its printed output, `towerspace status` after
+it, trial records, tables and figures; the analysis notebook is re-executed on it), and the
+outputs of the ResNet-18 sweep and of a sweep started from depthwise weights in examples/outputs/.
+About 16 minutes on 2 CPUs. `make docs-examples` runs this, then `make docs`, which copies the
+outputs into the README and the docs (docs/gen_reference.py)."""
 
 from __future__ import annotations
 
+import shlex
 import shutil
 import subprocess
 import sys
@@ -14,17 +17,50 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "digits_continuum"
 OUTPUT = "output.txt"  # what the sweep printed, as a user sees it
+OUTPUTS = ROOT / "examples" / "outputs"  # other commands' outputs: "$ command", then its output
+TINY = ["--set", "model.match=none", "--set", "model.width=0.125", "--set", "model.middle_blocks=1",
+        "--set", "train.epochs=1", "--set", "seeds=[0]",
+        "--set", "space.params={model.towers: {grid: [1, 4, depthwise]}}"]  # fmt: skip
 SHIPPED = ("records", "results.parquet", "history.parquet")
+
+
+def towerspace(work: Path, *args: str) -> str:
+    """`towerspace ARGS` in the folder work (experiments/ beside it); its stdout."""
+    (work / "experiments").exists() or (work / "experiments").symlink_to(ROOT / "experiments")
+    exe = Path(sys.executable).parent / "towerspace"
+    done = subprocess.run([str(exe), *args], cwd=work, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"towerspace {' '.join(args)} failed (exit {done.returncode}):\n"
+                         f"{done.stderr[-3000:]}")  # fmt: skip
+    return done.stdout
+
+
+def shown(args: list[str]) -> str:
+    """A command line as a user types it."""
+    return "$ towerspace " + " ".join(shlex.quote(a) for a in args)
 
 
 def run_demo(work: Path) -> str:
     """The demo sweep, run from a fresh folder as `towerspace sweep` from the README; its stdout."""
-    exe = Path(sys.executable).parent / "towerspace"
-    argv = [str(exe), "sweep", str(ROOT / "experiments/digits_continuum.yaml"), "--yes"]
-    done = subprocess.run(argv, cwd=work, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise SystemExit(f"the demo failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
-    return done.stdout
+    return towerspace(work, "sweep", "experiments/digits_continuum.yaml", "--yes")
+
+
+def run_init_from(work: Path) -> str:
+    """A small sweep whose every point starts from one depthwise state dict (random weights)."""
+    import torch
+
+    from towerspace import config
+    from towerspace.models.build import build_model
+
+    cfg = config.load_experiment(ROOT / "experiments/digits_continuum.yaml", [
+        "model.match=none", "model.width=0.125", "model.middle_blocks=1",
+        "model.towers=depthwise"])  # fmt: skip
+    torch.manual_seed(0)
+    model = build_model(cfg.model, in_chans=1, num_classes=10, image_size=16)
+    torch.save(model.state_dict(), work / "depthwise.pt")
+    args = ["sweep", "experiments/digits_continuum.yaml", "--set", "model.init_from=depthwise.pt",
+            *TINY]  # fmt: skip
+    return f"{shown(args)}\n{towerspace(work, *args)}"
 
 
 def ship(sweep_dir: Path, output: str) -> None:
@@ -57,9 +93,18 @@ def run_notebook(name: str = "continuum_analysis.ipynb") -> None:
 
 
 def main() -> int:
+    OUTPUTS.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        output = run_demo(Path(tmp))
-        ship(Path(tmp) / "runs" / "digits_continuum", output)
+        work = Path(tmp)
+        output = run_demo(work)
+        status = towerspace(work, "status", "runs/digits_continuum")
+        ship(work / "runs" / "digits_continuum", output)
+        (EXAMPLE / "status.txt").write_text(f"$ towerspace status runs/digits_continuum\n{status}")
+        resnet = ["sweep", "experiments/digits_resnet18.yaml", "--yes"]
+        printed = towerspace(work, *resnet)
+        (OUTPUTS / "digits_resnet18.txt").write_text(f"{shown(resnet)}\n{printed}")
+        (work / "init").mkdir()
+        (OUTPUTS / "init_from.txt").write_text(run_init_from(work / "init"))
     run_notebook()
     print(f"wrote {EXAMPLE.relative_to(ROOT)}/ and re-ran notebooks/continuum_analysis.ipynb")
     return 0

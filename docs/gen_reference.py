@@ -379,9 +379,34 @@ def output_blocks(text: str) -> str:
     return pattern.sub(block, text)
 
 
+def recorded(path: str, part: str) -> list[str]:
+    """A command and its output as make docs-examples recorded them (examples/outputs/*.txt):
+    all of it, its summary (the table by towers), or the lines of trials that ended."""
+    lines = (ROOT / path).read_text().rstrip().splitlines()
+    command, printed = lines[0], lines[1:]
+    if part == "summary":
+        return [command, "...", *demo_summary(printed)]
+    if part == "done":
+        return [command, "...", *(line for line in printed if "] done " in line)]
+    return lines
+
+
+def file_blocks(text: str) -> str:
+    """A page with each block between <!-- file: PATH PART --> and <!-- end file --> written
+    from the recorded output in PATH."""
+    pattern = re.compile(r"(<!-- file: (\S+) (\w+) -->\n)(?:.*?\n)?(<!-- end file -->)", re.S)
+
+    def block(m: re.Match) -> str:
+        shown = "\n".join(["```", *recorded(m.group(2), m.group(3)), "```"])
+        return f"{m.group(1)}{shown}\n{m.group(4)}"
+
+    return pattern.sub(block, text)
+
+
 def output_pages() -> dict[Path, str]:
-    """The pages with command output blocks, as the commands print them now (seconds each)."""
-    return {path: output_blocks(path.read_text()) for path in OUTPUT_PAGES}
+    """The pages with command output blocks, as the commands print them now (seconds each),
+    and recorded outputs, as make docs-examples last wrote them."""
+    return {path: output_blocks(file_blocks(path.read_text())) for path in OUTPUT_PAGES}
 
 
 # ---------------------------------------------------------------- all pages

@@ -36,7 +36,8 @@ def test_command_outputs_in_the_docs_are_what_the_commands_print_now():
     gen = _generator()
     generated = gen.output_pages()
     blocks = sum(text.count("<!-- output: ") for text in generated.values())
-    assert blocks == 5  # models, two estimates, an error, an export
+    assert blocks == 6  # models, two estimates, two errors, an export
+    assert sum(text.count("<!-- file: ") for text in generated.values()) == 3  # recorded runs
     assert "$ towerspace models --match params" in generated[REPO / "docs/continuum.md"]
     assert gen.stale(generated) == [], "out of date: run make docs and commit the pages it writes"
 
