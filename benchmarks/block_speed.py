@@ -5,7 +5,10 @@ and depthwise; batch 32, forward+backward, interleaved repeats, medians). Two ra
 - choice: time of the implementation impl='auto' picks (by its own, separate measurement) over
   the fastest candidate's time in this run (target <= 1.10);
 - monotonicity: the chosen time at k towers over the best chosen time at any k' < k (target
-  <= 1.10: more towers is never meaningfully slower than fewer).
+  <= 1.10: more towers is never meaningfully slower than fewer);
+- roof efficiency of the chosen implementation: its FLOPs at the machine's measured dense-conv
+  rate, or its bytes at the measured copy bandwidth, whichever is longer, over its time (target
+  >= 0.5).
 
     python benchmarks/block_speed.py                      # C 128 256 728 x H 8 16 32 (slow)
     python benchmarks/block_speed.py --channels 128 256 --sizes 8 16 --repeats 3
@@ -16,7 +19,7 @@ import argparse
 import pandas as pd
 import torch
 
-from towerspace.profile import auto_choices, block_speed
+from towerspace.profile import auto_choices, block_speed, machine_roofs, with_roof_efficiency
 
 
 def powers_of_two(channels: int) -> list[int]:
@@ -33,6 +36,9 @@ def main() -> None:
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
           f"forward+backward, float32, NCHW input")  # fmt: skip
+    roofs = machine_roofs()
+    print(f"roofs: dense 3x3 conv {roofs['dense_conv_gflops_per_s']:.1f} GFLOP/s, copy "
+          f"{roofs['bandwidth_gb_per_s']:.1f} GB/s")  # fmt: skip
     rows = []
     for channels in args.channels:
         for size in args.sizes:
@@ -40,14 +46,18 @@ def main() -> None:
             picks = auto_choices(channels, size, batch=args.batch, towers=towers)
             table = block_speed(channels, size, batch=args.batch, towers=towers,
                                 repeats=args.repeats)  # fmt: skip
+            table = with_roof_efficiency(table, roofs)
             best_so_far = float("inf")
             for t in towers:
-                at = table[table["towers"] == t].set_index("impl")["time_ms"]
+                here = table[table["towers"] == t].set_index("impl")
+                at = here["time_ms"]
                 chosen = at.get(picks[t], float("nan"))
+                roof = here["roof_efficiency"].get(picks[t], float("nan"))
                 rows.append({"C": channels, "HW": size, "towers": t, "native_ms": at["native"],
                              "auto": picks[t], "auto_ms": chosen, "fastest": at.idxmin(),
                              "fastest_ms": at.min(), "choice_ratio": chosen / at.min(),
-                             "monotonicity": chosen / best_so_far if t > 1 else 1.0})  # fmt: skip
+                             "monotonicity": chosen / best_so_far if t > 1 else 1.0,
+                             "roof_eff": roof})  # fmt: skip
                 best_so_far = min(best_so_far, chosen)
             print(pd.DataFrame([r for r in rows if r["C"] == channels and r["HW"] == size])
                   .round(3).to_string(index=False), flush=True)  # fmt: skip
@@ -69,6 +79,10 @@ def main() -> None:
         f"C={worst_mono['C']} HW={worst_mono['HW']} towers={worst_mono['towers']}"
     )
     print(f"worst monotonicity with native only: {max(native_mono):.3f}")
+    worst_roof = df.loc[df["roof_eff"].idxmin()]
+    print(f"lowest roof efficiency with auto: {worst_roof['roof_eff']:.3f} (target >= 0.5) at "
+          f"C={worst_roof['C']} HW={worst_roof['HW']} towers={worst_roof['towers']}; median "
+          f"{df['roof_eff'].median():.3f}")  # fmt: skip
     print(
         f"points at or under 1.10: choice {(df['choice_ratio'] <= 1.10).mean():.0%}, "
         f"monotonicity {(df['monotonicity'] <= 1.10).mean():.0%} of {len(df)}"

@@ -81,5 +81,16 @@ def records_now():
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Slow tests first: run in two processes (make test), the long ones start at once and the
-    short ones fill the gaps at the end."""
+    short ones fill the gaps at the end. GPU tests skip, saying why, where no GPU is visible."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    gpu = [item for item in items if item.get_closest_marker("gpu") is not None]
+    if gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            skip = pytest.mark.skip(
+                reason=f"needs a CUDA device; none is visible here (torch "
+                f"{torch.__version__}, CUDA {torch.version.cuda})"
+            )
+            for item in gpu:
+                item.add_marker(skip)

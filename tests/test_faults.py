@@ -61,6 +61,15 @@ def test_a_diverging_trial_stops_at_once_and_is_left_out(tmp_path):
     assert summary.attrs["excluded"] == [f"{bad['trial_id']} (diverged)"]
 
 
+def test_an_out_of_memory_trial_is_an_error_and_its_neighbours_finish(tmp_path):
+    # the allocator's own error (CUDA's OutOfMemoryError on a GPU: tests/test_gpu.py)
+    outcome, table = _sweep(tmp_path, "faults={kind: oom, epoch: 2, point: {model.towers: 1}}")
+    assert outcome.statuses == {"error": 1, "finished": 1}
+    assert table.loc["1", "epochs_run"] == 1
+    assert "can't allocate memory" in table.loc["1", "error"]
+    assert table.loc["depthwise", "epochs_run"] == 3
+
+
 def test_the_same_experiment_twice_gives_identical_metrics(tmp_path):
     sets = ("train.epochs=2", "train.max_steps=3", "space.params={model.towers: {grid: [1, 4]}}")
     runs = []

@@ -48,9 +48,12 @@ def test_float32_channels_last_inputs(impl):
 
 def test_candidates_skip_what_cannot_win():
     assert candidates(256, 1) == ["native", "channels_last"]
-    assert candidates(256, 4) == ["native", "channels_last", "dense", "per_tower", "unfold_bmm"]
-    assert candidates(256, 128) == ["native", "channels_last", "depthwise_sum", "unfold_bmm"]
-    assert candidates(256, 256) == ["native", "channels_last", "unfold_bmm"]
+    regroups = ["regroup2", "regroup4", "regroup8"]
+    assert candidates(256, 4) == ["native", "channels_last", "dense", "per_tower", "unfold_bmm",
+                                  "regroup2"]  # fmt: skip
+    assert candidates(256, 128) == ["native", "channels_last", "depthwise_sum", "unfold_bmm",
+                                    *regroups]  # fmt: skip
+    assert candidates(256, 256) == ["native", "channels_last", "unfold_bmm", *regroups]
 
 
 def test_auto_measures_once_per_signature_and_reuses_the_choice(tmp_path):
@@ -126,7 +129,7 @@ def test_unknown_impl_is_refused():
         TowerConv2d(8, 8, impl="fast")
     assert str(err.value) == (
         "impl='fast' is not one of: native, channels_last, dense, per_tower, depthwise_sum, "
-        "unfold_bmm, auto"
+        "unfold_bmm, regroup2, regroup4, regroup8, auto"
     )
 
 

@@ -15,7 +15,8 @@ def test_block_speed_table():
     assert set(table["towers"]) == {1, 4, 16}
     assert table.loc[table["towers"] == 1, "impl"].tolist() == ["native"]  # nothing to choose
     assert set(table.loc[table["towers"] == 4, "impl"]) == {
-        "native", "channels_last", "dense", "per_tower", "depthwise_sum", "unfold_bmm"}  # fmt: skip
+        "native", "channels_last", "dense", "per_tower", "depthwise_sum", "unfold_bmm",
+        "regroup2"}  # fmt: skip
     assert table.groupby("towers")["fastest"].sum().tolist() == [1, 1, 1]
     assert (table["time_ms"] > 0).all() and (table["spread"] >= 1).all()
     four = table[table["towers"] == 4].iloc[0]
@@ -95,8 +96,9 @@ def test_profile_command_for_whole_models(tmp_path, capsys):
     assert table["towers"].tolist() == ["1", "depthwise"]
     assert list(table.columns) == [
         "towers", "impl", "params", "training_flops", "step_ms", "spread", "images_per_s",
-        "gflops_per_s", "peak_mb", "flops", "bytes"]  # fmt: skip
+        "gflops_per_s", "peak_mb", "flops", "bytes", "roof_efficiency"]  # fmt: skip
     assert (table["flops"] == 2 * table["training_flops"]).all() and (table["bytes"] > 0).all()
+    assert ((table["roof_efficiency"] > 0) & (table["roof_efficiency"] < 2)).all()
     assert out.with_suffix(".png").stat().st_size > 0 and out.with_suffix(".svg").exists()
 
 
@@ -140,3 +142,12 @@ def test_profile_figures_draw_one_legend():
     (legend,) = plots.speed(block).legends  # no roofs: the implementations alone
     assert [t.get_text() for t in legend.get_texts()] == ["native", "channels_last"]
     assert legend.get_title().get_text() == "implementation"
+
+
+def test_roof_efficiency_is_the_slower_roofs_time_over_the_time_taken():
+    table = pd.DataFrame({"time_ms": [1000.0, 4000.0], "flops": [4e9, 4e9], "bytes": [1e9, 4e9]})
+    roofs = {"dense_conv_gflops_per_s": 8.0, "bandwidth_gb_per_s": 1.0}
+    # FLOPs take 0.5 s at the roof; bytes 1 s, then 4 s: the longer one counts
+    assert profile.with_roof_efficiency(table, roofs)["roof_efficiency"].tolist() == [1.0, 1.0]
+    steps = table.rename(columns={"time_ms": "step_ms"}).assign(step_ms=[2000.0, 8000.0])
+    assert profile.with_roof_efficiency(steps, roofs)["roof_efficiency"].tolist() == [0.5, 0.5]

@@ -1,6 +1,7 @@
 """Sweeps end to end on a real local Ray: grid, Optuna, ASHA, and every experiment's smoke mode."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -130,3 +131,22 @@ def test_the_spaces_no_shipped_experiment_uses_run_too(space, labels, tmp_path, 
         realized = [json.loads(r) for r in table["realized_towers"]]
         assert all(len({s["towers"] for s in r.values()}) > 1 for r in realized)
     assert (tmp_path / "digits_continuum" / "plots" / "edf.png").is_file()
+
+
+def test_trial_spans_say_how_many_trials_trained_at_once(tiny_sweep):
+    from towerspace.progress import most_at_once, trial_spans
+
+    spans = trial_spans(results.read_records(tiny_sweep.sweep_dir))
+    table = results.load(tiny_sweep.results_path)
+    assert sorted(spans) == sorted(table["trial_id"])
+    assert all(start < end for start, end in spans.values())
+    history = results.load_history(tiny_sweep.history_path)
+    assert history["ended_at"].notna().all() and history["ended_at"].dtype == "float64"
+    assert 1 <= most_at_once(spans.values()) <= os.cpu_count()  # a CPU per trial
+
+
+def test_most_at_once_counts_overlapping_spans_and_not_touching_ones():
+    from towerspace.progress import most_at_once
+
+    assert most_at_once([(0, 5), (1, 6), (2, 3), (5, 7)]) == 3
+    assert most_at_once([(0, 1), (1, 2), (2, 3)]) == 1 and most_at_once([]) == 0

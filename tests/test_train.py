@@ -18,7 +18,7 @@ from towerspace.train import (
 )
 
 KEYS = {"epoch", "train_loss", "val_loss", "val_acc", "val_top5", "lr", "epoch_time_s",
-        "train_images_per_s", "data_wait_fraction", "peak_memory_mb"}  # fmt: skip
+        "train_images_per_s", "data_wait_fraction", "peak_memory_mb", "ended_at"}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -44,10 +44,12 @@ def test_learns_digits_and_reports_every_metric(digits):
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert history[-1]["val_acc"] > 0.5  # chance is 0.1
     assert all(0 <= h["val_acc"] <= h["val_top5"] <= 1 for h in history)
+    ends = [h["ended_at"] for h in history]  # wall-clock: when trials overlapped in a sweep
+    assert ends == sorted(ends) and ends[1] - ends[0] >= history[1]["epoch_time_s"] * 0.99
 
 
 def test_same_seed_same_metrics(digits):
-    measured = ("time", "per_s", "memory", "wait")  # of the machine, not of the training
+    measured = ("time", "per_s", "memory", "wait", "ended_at")  # the machine's, not the training's
     strip = lambda hs: [{k: v for k, v in h.items() if not any(m in k for m in measured)}  # noqa: E731
                         for h in hs]  # fmt: skip
     assert strip(_run(digits)[1]) == strip(_run(digits)[1])

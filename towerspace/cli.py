@@ -358,6 +358,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
         dtype=dtype[args.dtype], device=args.device, repeats=args.repeats,
     )  # fmt: skip
     roofs = profile.machine_roofs(args.device, dtype[args.dtype])
+    table = profile.with_roof_efficiency(table, roofs)
     mode = "forward" if args.forward_only else "forward+backward"
     title = (f"TowerConv2d({args.channels}, {args.channels}) at {args.size}x{args.size}, batch "
              f"{args.batch}, {mode}, {args.dtype}, {'NHWC' if args.channels_last else 'NCHW'}, "
@@ -381,6 +382,7 @@ def _profile_model(args: argparse.Namespace) -> int:
         stem="small" if args.size <= 64 else "imagenet", match=args.match,
     )  # fmt: skip
     roofs = profile.machine_roofs(args.device)
+    table = profile.with_roof_efficiency(table, roofs)
     title = (f"Xception width {args.width}, {args.middle_blocks} middle blocks, {args.size}px, "
              f"batch {args.batch}, training step, impl={impl}, match={args.match}, "
              f"{args.device}, {torch.get_num_threads()} threads")  # fmt: skip

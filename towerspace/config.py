@@ -84,8 +84,9 @@ def _scheduler(data: Any, where: str, path: str) -> SchedulerConfig:
 class FaultConfig:
     """For testing a sweep's fault handling: make chosen trials fail on purpose (off: no kind)."""
 
-    # raise: the trial raises; diverge: its weights turn NaN, so its loss does
-    kind: str | None = field(default=None, metadata={"choices": ("raise", "diverge")})
+    # raise: the trial raises; diverge: its weights turn NaN, so its loss does; oom: it asks
+    # its device for more memory than any has (the allocator's own out-of-memory error)
+    kind: str | None = field(default=None, metadata={"choices": ("raise", "diverge", "oom")})
     epoch: int = field(default=1, metadata={"min": 1})  # the epoch at which the fault strikes
     times: int = field(default=1, metadata={"min": 1})  # attempts that fail before one passes
     point: dict[str, Any] = field(default_factory=dict)  # which trials: {model.towers: 4, seed: 0}

@@ -21,7 +21,7 @@ from towerspace.errors import ConfigError
 from towerspace.models import build_model, complexity
 from towerspace.spaces import grid_points
 from towerspace.towers import TowerLabel, TowerSpec, tower_label
-from towerspace.train import Trainer, choose_device, seed_everything
+from towerspace.train import TrainConfig, Trainer, choose_device, seed_everything
 
 # Optimistic sustained training rates: hours computed from them are lower bounds (a GPU of the
 # A100 class sustains less than 100 TFLOP/s on grouped convolutions; a CPU core, at its fp32
@@ -172,26 +172,34 @@ def measure_point(cfg: ExperimentConfig, sizes: DataSizes, device: str) -> dict[
     """Images/s of one worker: a few timed training steps (towerspace's Trainer) at its batch
     and the experiment's image size, after a warm-up; peak memory on CUDA."""
     seed_everything(0)
+    model = build_model(cfg.model, in_chans=sizes.in_chans, num_classes=sizes.num_classes,
+                        image_size=sizes.image_size)  # fmt: skip
+    return time_steps(model, cfg.train, worker_batch(cfg), sizes, device)
+
+
+def time_steps(
+    model: nn.Module, recipe: TrainConfig, batch: int, sizes: DataSizes, device: str,
+    timed: int = TIMED_STEPS,
+) -> dict[str, float]:  # fmt: skip
+    """Images/s of any model trained by towerspace's Trainer (the recipe's optimizer, autocast
+    and layout) on random images held on the device, after WARMUP_STEPS; peak memory on CUDA."""
     dev = choose_device(device)
-    batch, size = worker_batch(cfg), sizes.image_size
+    size = sizes.image_size
     images = torch.rand(batch, sizes.in_chans, size, size, device=dev)
     labels = torch.randint(0, sizes.num_classes, (batch,), device=dev)
     ones = torch.ones(sizes.in_chans, device=dev)
     stream = TensorBatches(images, labels, 0.5 * ones, 0.5 * ones, "none")
-    bundle = datasets.DataBundle(cfg.data.name, stream, stream, sizes.num_classes,
-                                 sizes.in_chans, size)  # fmt: skip
-    model = build_model(cfg.model, in_chans=sizes.in_chans, num_classes=sizes.num_classes,
-                        image_size=size)  # fmt: skip
-    recipe = dataclasses.replace(cfg.train, device=dev.type, max_steps=None, epochs=1)
+    bundle = datasets.DataBundle("random", stream, stream, sizes.num_classes, sizes.in_chans, size)
+    recipe = dataclasses.replace(recipe, device=dev.type, max_steps=None, epochs=1)
     trainer = Trainer(model, bundle, recipe)  # one batch: every train_epoch() is one step
     for _ in range(WARMUP_STEPS):
         trainer.train_epoch()  # ends with .item(): the device has finished the step
     memory.reset_peak(dev)
     start = time.perf_counter()
-    for _ in range(TIMED_STEPS):
+    for _ in range(timed):
         trainer.train_epoch()
     seconds = time.perf_counter() - start
-    measured = {"images_per_s": batch * TIMED_STEPS / seconds}
+    measured = {"images_per_s": batch * timed / seconds}
     if dev.type == "cuda":  # on a CPU the process's RSS says little about one trial's needs
         measured["peak_memory_mb"] = memory.peak_mb(dev)
     return measured

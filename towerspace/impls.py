@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -68,21 +69,38 @@ def unfold_bmm(x: Tensor, w: Tensor, groups: int, stride: int, padding: int, dil
     out_h = (h + 2 * padding - dilation * (k - 1) - 1) // stride + 1
     out_w = (wd + 2 * padding - dilation * (k - 1) - 1) // stride + 1
     cols = cols.view(n, groups, width * k * k, out_h * out_w)
-    kernel = w.view(groups, c_out // groups, width * k * k)
+    kernel = w.reshape(groups, c_out // groups, width * k * k)  # NHWC weights: a copy
     out = torch.einsum("gok,ngkl->ngol", kernel, cols)
     return out.reshape(n, c_out, out_h, out_w)
 
 
-def expand_grouped(weight: Tensor, groups: int) -> Tensor:
-    """A grouped kernel (C, C/g, k, k) as the dense (C, C, k, k) one, zero off the blocks."""
+def expand_grouped(weight: Tensor, groups: int, coarser: int = 1) -> Tensor:
+    """A grouped kernel (C, C/g, k, k) as the kernel of a convolution with `coarser` groups
+    (a divisor of g; 1: dense), block-diagonal within each: zero where towers do not meet."""
+    m = groups // coarser  # towers per coarse group
     channels, width = weight.shape[0], weight.shape[1]
     per_group = channels // groups
-    dense_w = weight.new_zeros(groups, per_group, groups, width, *weight.shape[2:])
-    index = torch.arange(groups, device=weight.device)
-    dense_w[index, :, index] = weight.reshape(groups, per_group, width, *weight.shape[2:])
-    return dense_w.reshape(channels, groups * width, *weight.shape[2:])
+    blocks = weight.reshape(coarser, m, per_group, width, *weight.shape[2:])
+    expanded = weight.new_zeros(coarser, m, per_group, m, width, *weight.shape[2:])
+    index = torch.arange(m, device=weight.device)
+    expanded[:, index, :, index] = blocks.transpose(0, 1)  # advanced indices come first
+    return expanded.reshape(channels, m * width, *weight.shape[2:])
 
 
+def regroup(factor: int) -> Conv:
+    """The native convolution at 1/factor of the towers, with a block-diagonal kernel: the cost
+    of fewer towers (factor× the FLOPs), where more towers hit a slow kernel."""
+
+    def conv(x: Tensor, w: Tensor, groups: int, stride: int, padding: int, dilation: int):
+        coarser = math.gcd(groups, max(1, groups // factor))  # a divisor of groups
+        kernel = expand_grouped(w, groups, coarser)
+        return F.conv2d(x, kernel, None, stride, padding, dilation, coarser)
+
+    conv.__doc__ = f"The native convolution at 1/{factor} of the towers (block-diagonal kernel)."
+    return conv
+
+
+REGROUP_FACTORS = (2, 4, 8)  # regroupF: towers/F groups, for a tower count with a slow kernel
 IMPLS: dict[str, Conv] = {
     "native": native,
     "channels_last": channels_last,
@@ -90,6 +108,7 @@ IMPLS: dict[str, Conv] = {
     "per_tower": per_tower,
     "depthwise_sum": depthwise_sum,
     "unfold_bmm": unfold_bmm,
+    **{f"regroup{f}": regroup(f) for f in REGROUP_FACTORS},
 }
 
 
@@ -103,6 +122,7 @@ def candidates(channels: int, groups: int) -> list[str]:
         names.append("depthwise_sum")
     if groups > 1:
         names.append("unfold_bmm")
+    names += [f"regroup{f}" for f in REGROUP_FACTORS if groups % f == 0 and groups // f > 1]
     return names
 
 

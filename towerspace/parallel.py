@@ -45,7 +45,8 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
-        dims = (0, 2, 3)
+        dims, out_dtype = (0, 2, 3), x.dtype
+        x = x.float() if x.element_size() < 4 else x  # bf16 autocast: float32 sums and count
         count = torch.full((1,), x.numel() / x.shape[1], dtype=x.dtype, device=x.device)
         sums = sum_over_workers(torch.cat([x.sum(dims), count]))
         total = sums[-1]
@@ -57,7 +58,7 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         out = centred * torch.rsqrt(var + self.eps).view(1, -1, 1, 1)
         if self.affine:
             out = out * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
-        return out
+        return out.to(out_dtype)
 
     @torch.no_grad()
     def _update_running(self, mean: torch.Tensor, var: torch.Tensor, count: float) -> None:

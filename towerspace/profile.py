@@ -134,32 +134,53 @@ def _bytes(x: torch.Tensor, cost, backward: bool) -> int:
 def auto_choices(
     channels: int, size: int, *, batch: int = 32, towers: list[int] | None = None,
     backward: bool = True, device: str = "cpu", repeats: int = 3,
+    dtype: torch.dtype = torch.float32, channels_last: bool = False,
 ) -> dict[int, str]:  # fmt: skip
     """What impl='auto' picks at each tower count for this layer shape."""
     chooser = Chooser(repeats=repeats)
     dev = torch.device(device)
-    x = torch.randn(batch, channels, size, size, device=dev)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(batch, channels, size, size, device=dev, dtype=dtype).contiguous(
+        memory_format=fmt)  # fmt: skip
     picks = {}
     for t in towers or divisors(channels):
-        block = TowerConv2d(channels, channels, towers=t, impl="auto").to(dev).train(backward)
+        block = TowerConv2d(channels, channels, towers=t, impl="auto")
+        block = block.to(dev, dtype, memory_format=fmt).train(backward)
         picks[t] = "native" if t == 1 else chooser.choose(block, x, backward)
     return picks
 
 
-def machine_roofs(device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict[str, float]:
+def machine_roofs(
+    device: str = "cpu", dtype: torch.dtype = torch.float32, batch: int = 32
+) -> dict[str, float]:
     """Measured roofs: dense 3×3 convolution FLOP/s and memory copy bandwidth (GB/s)."""
     dev = torch.device(device)
-    x = torch.randn(32, 256, 32, 32, device=dev, dtype=dtype)
+    x = torch.randn(batch, 256, 32, 32, device=dev, dtype=dtype)
     w = torch.randn(256, 256, 3, 3, device=dev, dtype=dtype)
     big = torch.empty(64 * 2**20 // x.element_size(), device=dev, dtype=dtype)
     out = torch.empty_like(big)
     times = time_interleaved(
         {"conv": lambda: F.conv2d(x, w, padding=1), "copy": lambda: out.copy_(big)}, dev, 3, 0.2
     )
-    conv_flops = 2 * 32 * 256 * 256 * 9 * 32 * 32
+    conv_flops = 2 * batch * 256 * 256 * 9 * 32 * 32
     copied = 2 * big.numel() * big.element_size()  # read + write
     return {"dense_conv_gflops_per_s": conv_flops / min(times["conv"]) / 1e9,
             "bandwidth_gb_per_s": copied / min(times["copy"]) / 1e9}  # fmt: skip
+
+
+def with_roof_efficiency(table: pd.DataFrame, roofs: dict[str, float]) -> pd.DataFrame:
+    """The table with roof_efficiency: the time its FLOPs take at the measured dense-conv rate,
+    or its bytes at the measured bandwidth, whichever is longer, over the time it took (1: at
+    the roof)."""
+    seconds = table["time_ms" if "time_ms" in table else "step_ms"] / 1e3
+    at_roof = pd.concat(
+        [
+            table["flops"] / (roofs["dense_conv_gflops_per_s"] * 1e9),
+            table["bytes"] / (roofs["bandwidth_gb_per_s"] * 1e9),
+        ],
+        axis=1,
+    ).max(axis=1)
+    return table.assign(roof_efficiency=at_roof / seconds)
 
 
 def model_speed(

@@ -8,7 +8,7 @@ import json
 import math
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -240,3 +240,26 @@ def tensorboard_line(sweep_dir: Path) -> str | None:
     if not any(Path(sweep_dir).glob("run_trial_*/events.out.tfevents.*")):
         return None
     return f"TensorBoard: tensorboard --logdir {shown(sweep_dir)}"
+
+
+def trial_spans(records: Sequence[Mapping[str, Any]]) -> dict[str, tuple[float, float]]:
+    """Each trial's training span (start, end), Unix seconds, from its epochs' end times
+    (`ended_at`) and durations; trials without them are left out."""
+    spans = {}
+    for record in records:
+        history = [h for h in record.get("history", []) if h.get("ended_at") is not None]
+        if history:
+            first, last = history[0], history[-1]
+            start = first["ended_at"] - first.get("epoch_time_s", 0.0)
+            spans[record["trial_id"]] = (start, last["ended_at"])
+    return spans
+
+
+def most_at_once(spans: Iterable[tuple[float, float]]) -> int:
+    """The most spans (start, end) that cover one moment: how many trials ran at once."""
+    events = sorted([(start, 1) for start, _ in spans] + [(end, -1) for _, end in spans])
+    running = most = 0
+    for _, change in events:  # at a tie, an end comes first: touching spans do not overlap
+        running += change
+        most = max(most, running)
+    return most

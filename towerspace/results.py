@@ -95,6 +95,7 @@ HISTORY_SCHEMA: dict[str, Column] = {
     "train_images_per_s": Column("float64", "training images per second"),
     "data_wait_fraction": Column("float64", "share of training time spent waiting for batches"),
     "peak_memory_mb": Column("float64", "peak memory in the epoch, MiB"),
+    "ended_at": Column("float64", "wall-clock time at the epoch's end, Unix seconds"),
 }
 JSON_COLUMNS = tuple(name for name, c in RESULTS_SCHEMA.items() if c.kind == "json")
 

@@ -44,7 +44,7 @@ class TrainConfig:
     warmup_epochs: float = field(default=0.0, metadata={"min": 0.0})  # linear, from lr/10
     label_smoothing: float = field(default=0.0, metadata={"min": 0.0, "max": 0.5})  # of the loss
     device: str = field(default="auto", metadata={"choices": DEVICES})  # auto: cuda if present
-    amp: str = field(default="auto", metadata={"choices": AMPS})  # auto: bf16 autocast on cuda
+    amp: str = field(default="auto", metadata={"choices": AMPS})  # auto: bf16 on cuda; bf16: any
     channels_last: str = field(default="auto", metadata={"choices": SWITCHES})  # auto: on cuda
     eval_batch_size: int = field(default=512, metadata={"min": 1})  # validation batches
     deterministic: bool = False  # torch.use_deterministic_algorithms (GPU); CPU is anyway
@@ -143,7 +143,7 @@ class Trainer:
         self.device = choose_device(cfg.device)
         cuda = self.device.type == "cuda"
         self.channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and cuda)
-        self.amp = cuda and cfg.amp in ("auto", "bf16")
+        self.amp = cfg.amp == "bf16" or (cfg.amp == "auto" and cuda)  # bf16 on a CPU too
         if cuda:
             torch.backends.cudnn.benchmark = not cfg.deterministic
         if cfg.deterministic:
@@ -270,7 +270,8 @@ class Trainer:
                        "epoch_time_s": time.perf_counter() - start,
                        "train_images_per_s": seen / max(train_time, 1e-9),
                        "data_wait_fraction": self.data_wait_s / max(train_time, 1e-9),
-                       "peak_memory_mb": memory.peak_mb(self.device)}  # fmt: skip
+                       "peak_memory_mb": memory.peak_mb(self.device),
+                       "ended_at": time.time()}  # fmt: skip
             self.epoch += 1
             self.history.append(metrics)
             yield metrics

@@ -263,6 +263,8 @@ class Trial:
         counter.write_text(str(struck + 1))
         if fault.kind == "raise":
             raise RuntimeError(f"injected fault at epoch {fault.epoch} (attempt {struck + 1})")
+        if fault.kind == "oom":  # 1 EiB: CUDA's OutOfMemoryError, or the CPU allocator's error
+            torch.empty(2**60, dtype=torch.uint8, device=self.trainer.device)
         with torch.no_grad():  # diverge for real: the next loss is NaN and the trainer stops
             next(self.model.parameters()).fill_(math.nan)
 
