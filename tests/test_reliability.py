@@ -1,6 +1,7 @@
 """A sweep never loses data: names that escape, two drivers on one folder, trials that fail at
 any stage, bad values refused before launch, bugs told apart from mistakes (no Ray here)."""
 
+import json
 import os
 import signal
 import subprocess
@@ -263,3 +264,22 @@ def test_a_trial_whose_validation_turns_nan_is_recorded_as_diverged(tmp_path):
     assert list(trial.epochs()) == []
     record = results.read_record(tmp_path / "t.json")
     assert record["status"] == "diverged" and record["error"] == "val_loss is nan at epoch 1"
+
+
+def test_records_ray_never_saw_are_set_aside_on_resume_and_kept(tmp_path):
+    from towerspace.sweep.state import ORPHANED, set_aside_orphans
+
+    records = tmp_path / "records"
+    records.mkdir()
+    for trial_id in ("a_00000", "a_00001", "b_00002"):
+        (records / f"{trial_id}.json").write_text(json.dumps({"trial_id": trial_id}))
+    assert set_aside_orphans(tmp_path) == []  # no saved state to read: nothing moves
+    saved = ("a_00000", "a_00001")  # Ray's last save knew these two
+    trials = [[json.dumps({"trial_id": t, "status": "RUNNING"}), "{}"] for t in saved]
+    state = tmp_path / "experiment_state-2026-12-03_10-00-00.json"
+    state.write_text(json.dumps({"trial_data": trials}))
+    assert set_aside_orphans(tmp_path) == ["b_00002"]
+    assert sorted(p.name for p in records.glob("*.json")) == ["a_00000.json", "a_00001.json"]
+    kept = records / ORPHANED / "b_00002.json"
+    assert json.loads(kept.read_text()) == {"trial_id": "b_00002"}
+    assert set_aside_orphans(tmp_path) == []  # once

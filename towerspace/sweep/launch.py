@@ -32,12 +32,14 @@ from towerspace.sweep.disk import (
 )
 from towerspace.sweep.preflight import preflight
 from towerspace.sweep.state import (
+    ORPHANED,
     close_records,
     create_storage,
     mark,
     plan_storage,
     resolve_storage,
     restore_tuner,
+    set_aside_orphans,
 )
 from towerspace.sweep.trainable import run_trial
 from towerspace.sweep.tuner import Progress, make_tuner, param_space
@@ -121,6 +123,12 @@ def _run(cfg: ExperimentConfig, sweep_dir: Path, resume: bool, retry_errored: bo
           f"{cluster.get('GPU', 0):g} GPUs, in {shown(sweep_dir)}", flush=True)  # fmt: skip
     watch = DiskWatch(sweep_dir)
     if resume:
+        orphans = set_aside_orphans(sweep_dir)
+        if orphans:
+            print(f"{cfg.name}: {len(orphans)} trials started after Ray last saved its state, "
+                  f"before the kill; not resumable, their records are kept in "
+                  f"{shown(sweep_dir / results.RECORDS / ORPHANED)}: {_listing(orphans)}",
+                  flush=True)  # fmt: skip
         params = param_space(cfg.space, cfg.seeds)
         progress = Progress(total, cfg.train.epochs)
         tuner = restore_tuner(sweep_dir, trainable, params, retry, [progress, watch])

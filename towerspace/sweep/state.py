@@ -177,6 +177,30 @@ def _saved_statuses(sweep_dir: Path) -> dict[str, str]:
         return {}
 
 
+ORPHANED = "orphaned"  # records/orphaned/: trials a kill hid from Ray's saved state
+
+
+def set_aside_orphans(sweep_dir: Path) -> list[str]:
+    """Move aside the records of trials Ray's saved state does not know, and return their ids.
+
+    A trial that started after Ray's last save of its state, when the driver was then killed,
+    is unknown to the resumed run: Ray never continues it (a searcher proposes anew, a grid
+    runs the point again). Its record moves to records/orphaned/, kept but out of the tables,
+    so they hold the sweep Ray resumes, one row per trial. Nothing moves when no saved state
+    can be read.
+    """
+    known = _saved_statuses(sweep_dir)
+    records_dir = sweep_dir / results.RECORDS
+    if not known or not records_dir.is_dir():
+        return []
+    orphans = sorted(p for p in records_dir.glob("*.json") if p.stem not in known)
+    if orphans:
+        (records_dir / ORPHANED).mkdir(exist_ok=True)
+    for path in orphans:
+        os.replace(path, records_dir / ORPHANED / path.name)
+    return [p.stem for p in orphans]
+
+
 def close_records(grid: tune.ResultGrid, records_dir: Path, cfg: ExperimentConfig) -> int:
     """Give every ended trial a final status; interrupted ones stay unfinished (resumable).
 
