@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -267,12 +268,15 @@ def test_a_trial_whose_validation_turns_nan_is_recorded_as_diverged(tmp_path):
 
 
 def test_records_ray_never_saw_are_set_aside_on_resume_and_kept(tmp_path):
-    from towerspace.sweep.state import ORPHANED, set_aside_orphans
+    from towerspace.results import ORPHANED, read_records
+    from towerspace.sweep.state import set_aside_orphans
 
     records = tmp_path / "records"
     records.mkdir()
+    shipped = sorted((REPO / "examples/digits_continuum/records").glob("*.json"))[0]
+    record = json.loads(shipped.read_text())  # a real record, under other trial ids
     for trial_id in ("a_00000", "a_00001", "b_00002"):
-        (records / f"{trial_id}.json").write_text(json.dumps({"trial_id": trial_id}))
+        (records / f"{trial_id}.json").write_text(json.dumps({**record, "trial_id": trial_id}))
     assert set_aside_orphans(tmp_path) == []  # no saved state to read: nothing moves
     saved = ("a_00000", "a_00001")  # Ray's last save knew these two
     trials = [[json.dumps({"trial_id": t, "status": "RUNNING"}), "{}"] for t in saved]
@@ -281,5 +285,10 @@ def test_records_ray_never_saw_are_set_aside_on_resume_and_kept(tmp_path):
     assert set_aside_orphans(tmp_path) == ["b_00002"]
     assert sorted(p.name for p in records.glob("*.json")) == ["a_00000.json", "a_00001.json"]
     kept = records / ORPHANED / "b_00002.json"
-    assert json.loads(kept.read_text()) == {"trial_id": "b_00002"}
+    assert json.loads(kept.read_text()) == {**record, "trial_id": "b_00002"}
     assert set_aside_orphans(tmp_path) == []  # once
+    # a set-aside trial's Ray folder is not reported as a trial without a record
+    (tmp_path / "run_trial_b_00002_1_x=1_2026-12-03_10-00-01").mkdir()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert [r["trial_id"] for r in read_records(tmp_path)] == ["a_00000", "a_00001"]

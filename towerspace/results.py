@@ -21,6 +21,7 @@ from towerspace.status import Status
 from towerspace.towers import label_order
 
 RECORDS = "records"
+ORPHANED = "orphaned"  # records/orphaned/: trials a kill hid from Ray's saved state
 RESULTS = "results.parquet"
 HISTORY = "history.parquet"
 
@@ -201,6 +202,7 @@ def read_records(sweep_dir: Path) -> list[dict[str, Any]]:
                 problem = "not valid JSON"
             damaged.append(f"{RECORDS}/{path.name} ({problem})")
     named = {r["trial_id"] for r in records} | {d.split("/")[1].split(".json")[0] for d in damaged}
+    named |= {p.stem for p in (folder / ORPHANED).glob("*.json")}  # set aside on a resume
     missing = sorted(trial_folders(sweep_dir) - named)
     if damaged:
         warnings.warn(f"skipped damaged trial records: {'; '.join(damaged)}", DamagedRecord,

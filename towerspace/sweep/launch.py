@@ -32,7 +32,6 @@ from towerspace.sweep.disk import (
 )
 from towerspace.sweep.preflight import preflight
 from towerspace.sweep.state import (
-    ORPHANED,
     close_records,
     create_storage,
     mark,
@@ -127,7 +126,7 @@ def _run(cfg: ExperimentConfig, sweep_dir: Path, resume: bool, retry_errored: bo
         if orphans:
             print(f"{cfg.name}: {len(orphans)} trials started after Ray last saved its state, "
                   f"before the kill; not resumable, their records are kept in "
-                  f"{shown(sweep_dir / results.RECORDS / ORPHANED)}: {_listing(orphans)}",
+                  f"{shown(sweep_dir / results.RECORDS / results.ORPHANED)}: {_listing(orphans)}",
                   flush=True)  # fmt: skip
         params = param_space(cfg.space, cfg.seeds)
         progress = Progress(total, cfg.train.epochs)

@@ -177,9 +177,6 @@ def _saved_statuses(sweep_dir: Path) -> dict[str, str]:
         return {}
 
 
-ORPHANED = "orphaned"  # records/orphaned/: trials a kill hid from Ray's saved state
-
-
 def set_aside_orphans(sweep_dir: Path) -> list[str]:
     """Move aside the records of trials Ray's saved state does not know, and return their ids.
 
@@ -195,9 +192,9 @@ def set_aside_orphans(sweep_dir: Path) -> list[str]:
         return []
     orphans = sorted(p for p in records_dir.glob("*.json") if p.stem not in known)
     if orphans:
-        (records_dir / ORPHANED).mkdir(exist_ok=True)
+        (records_dir / results.ORPHANED).mkdir(exist_ok=True)
     for path in orphans:
-        os.replace(path, records_dir / ORPHANED / path.name)
+        os.replace(path, records_dir / results.ORPHANED / path.name)
     return [p.stem for p in orphans]
 
 
