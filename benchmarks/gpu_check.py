@@ -297,11 +297,17 @@ def _step(module, x):
     return lambda: module(x).sum().backward()
 
 
+def _towerspace(args: list[str], ctx: dict, section: str) -> subprocess.CompletedProcess:
+    """`towerspace ARGS` of this environment, in the report's folder, within a section's budget."""
+    exe = str(Path(sys.executable).parent / "towerspace")
+    return subprocess.run([exe, *args], cwd=ctx["out"], capture_output=True, text=True,
+                          check=False, timeout=ctx["budget"][section])  # fmt: skip
+
+
 def estimate(ctx: dict) -> dict:
     """`towerspace estimate imagenet_xception --measure` against its memory_mb_est."""
     out = ctx["out"] / "estimate.csv"
     argv = [
-        str(Path(sys.executable).parent / "towerspace"),
         "estimate",
         str(ROOT / "experiments/imagenet_xception.yaml"),
         "--measure",
@@ -323,14 +329,7 @@ def estimate(ctx: dict) -> dict:
             "model.impl=native",
         ]
         argv += [f"--set={x}" for x in toy]
-    done = subprocess.run(
-        argv,
-        cwd=ctx["out"],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=ctx["budget"]["estimate"],
-    )
+    done = _towerspace(argv, ctx, "estimate")
     if done.returncode != 0:
         raise CheckFailed(f"estimate exit {done.returncode}: {done.stderr.strip()[-300:]}", {})
     table = pd.read_csv(out)
@@ -366,7 +365,6 @@ def packed_sweep(ctx: dict) -> dict:
         "space.params={model.towers: {grid: [1, 2, 4, depthwise]}}",
     ]
     argv = [
-        str(Path(sys.executable).parent / "towerspace"),
         "sweep",
         str(ROOT / "experiments/digits_continuum.yaml"),
         "--storage",
@@ -374,14 +372,7 @@ def packed_sweep(ctx: dict) -> dict:
         "--yes",
         *[f"--set={x}" for x in sets],
     ]
-    done = subprocess.run(
-        argv,
-        cwd=ctx["out"],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=ctx["budget"]["packed_sweep"],
-    )
+    done = _towerspace(argv, ctx, "packed_sweep")
     sweep_dir = ctx["out"] / "runs" / "digits_continuum"
     found = {"exit_code": done.returncode, "printed": done.stdout[-2000:]}
     if done.returncode != 0:
