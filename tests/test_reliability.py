@@ -292,3 +292,32 @@ def test_records_ray_never_saw_are_set_aside_on_resume_and_kept(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert [r["trial_id"] for r in read_records(tmp_path)] == ["a_00000", "a_00001"]
+
+
+def test_a_trial_restored_after_its_last_epoch_still_reports_its_result(tmp_path):
+    # a kill between a trial's last checkpoint and its final record: the resumed trial has no
+    # epoch left to run, and Tune refuses a trial that ends without one result with the metric
+    from ray.tune import Checkpoint
+
+    from towerspace.sweep.trainable import _train
+    from towerspace.trial import Trial
+
+    cfg = config.load_experiment(EXPERIMENT, ["train.epochs=1", "train.max_steps=1",
+                                              "model.width=0.125", "model.middle_blocks=1",
+                                              "model.match=none"])  # fmt: skip
+    (tmp_path / "records").mkdir()
+    job = {"seed": 0, "trial_id": "t_00000", "point": {}, "origin": {},
+           "record_path": tmp_path / "records" / "t_00000.json"}  # fmt: skip
+    first, saved = [], tmp_path / "checkpoint"
+
+    def keep(metrics, checkpoint=None):
+        first.append(metrics)
+        checkpoint.to_directory(str(saved))
+
+    _train(Trial(cfg, **job), cfg, None, keep, Checkpoint)
+    assert [m["epoch"] for m in first] == [1]
+    again = []
+    _train(Trial(cfg, **job), cfg, Checkpoint.from_directory(str(saved)),
+           lambda metrics, checkpoint=None: again.append(metrics), Checkpoint)  # fmt: skip
+    assert again == [first[0]]  # the last epoch's metrics, val_acc among them, reported once
+    assert json.loads(job["record_path"].read_text())["status"] == "finished"

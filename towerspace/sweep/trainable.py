@@ -137,6 +137,7 @@ def _train(
         with checkpoint.as_directory() as directory:
             trial.load_checkpoint(Path(directory))
     costs = trial.costs()
+    reported = False
     for metrics in trial.epochs():
         if reserve is not None and not reserve.exists():  # the driver freed it: disk full
             raise OSError(errno.ENOSPC, f"{storage_lib.NO_SPACE} (the sweep is stopping)")
@@ -146,8 +147,11 @@ def _train(
                 trial.save_checkpoint(Path(directory))
                 saved = checkpoint_cls.from_directory(directory)
             report({**metrics, **costs}, checkpoint=saved)
+        reported = True
         if after_report is not None:
             after_report()
+    if not reported and trial.record["history"]:  # restored after its last epoch: a kill came
+        report({**trial.record["history"][-1], **costs})  # between its last checkpoint and record
     if trial.record["status"] == Status.DIVERGED:  # never the best: searchers see the worst value
         worst = -math.inf if cfg.space.mode == "max" else math.inf
         report({cfg.space.metric: worst, "diverged": 1})
