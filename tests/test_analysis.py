@@ -167,3 +167,25 @@ def test_sampled_models_form_one_population(table):
     derived = analysis.derive(sampled.assign(towers=sampled["towers"] + " [entry=2]"))
     assert set(derived["population"]) == {"sampled models [entry=2]"}
     assert list(analysis.derive(table)["population"]) == list(table["towers"])
+
+
+def test_the_residual_ablation_is_its_own_curve(table):
+    plain = table.assign(residual=False, final_val_acc=table["final_val_acc"] - 0.1,
+                         trial_id=table["trial_id"] + "-plain")  # fmt: skip
+    both = pd.concat([table.assign(residual=True), plain], ignore_index=True)
+    summary = analysis.summarize(both)
+    assert list(zip(summary["towers"], summary["residual"], strict=True)) == [
+        ("1", False), ("2", False), ("depthwise", False),
+        ("1", True), ("2", True), ("depthwise", True),
+    ]  # fmt: skip
+    assert summary["mean"].iloc[0] == pytest.approx(summary["mean"].iloc[3] - 0.1)
+    diffs = analysis.compare(both)  # each curve against its own depthwise point
+    assert diffs["diff_mean"].tolist() == pytest.approx([-0.02, 0.02, 0.0, -0.02, 0.02, 0.0])
+
+
+def test_a_record_from_before_the_residual_option_reads_as_residual():
+    from towerspace.results import results_table
+
+    record = {"trial_id": "t", "status": "finished", "seed": 0, "towers": "4"}
+    assert results_table([record])["residual"].tolist() == [True]
+    assert str(results_table([record])["residual"].dtype) == "boolean"

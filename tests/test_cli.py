@@ -103,7 +103,7 @@ def _commands() -> dict[str, argparse.ArgumentParser]:
 def test_every_option_has_help_and_shows_its_default():
     formatter = _Formatter("towerspace")
     commands = _commands()
-    assert len(commands) == 12
+    assert len(commands) == 13
     for prog, parser in commands.items():
         assert parser.description, prog  # what the command does, at the top of its --help
         for action in parser._actions:

@@ -53,7 +53,8 @@ def test_every_shipped_space_loads_on_its_own():
 def test_every_shipped_space_is_used_and_loads():
     spaces = {p.stem for p in (REPO / "search_spaces").glob("*.yaml")}
     assert spaces == {"continuum", "group_width", "inception_points", "per_flow",
-                      "layerwise_random", "order_x_mid"}  # fmt: skip
+                      "layerwise_random", "order_x_mid", "per_flow_latency",
+                      "residual_x_towers"}  # fmt: skip
     for space in spaces:
         cfg = load_experiment(REPO / "experiments/digits_continuum.yaml", [f"space={space}"])
         assert cfg.space.name == space
@@ -181,7 +182,7 @@ BAD_FILES = [
      "'-' and '.', not starting with '.' or '-' (at most 100 characters)"),
     ("space: continuum", "space: contnuum", "space: no search space 'contnuum'; did you mean "
      "'continuum'? (available: continuum, group_width, inception_points, layerwise_random, "
-     "order_x_mid, per_flow)"),
+     "order_x_mid, per_flow, per_flow_latency, residual_x_towers)"),
     ("middle_blocks: 1", "middle_blocks: 1, towers: 0", f"model.towers: {TOWERS} 0"),
     ("middle_blocks: 1", "middle_blocks: 1, towers: {group_width: -2}",
      "model.towers: group_width must be an int >= 1, got -2"),
@@ -265,7 +266,7 @@ def test_grid_needs_the_grid_searcher(project):
         ("train.epochs", "--set train.epochs: expected key=value"),
         ("train.epochs=0", "experiments/x.yaml: train.epochs: 0 is out of range; allowed: >= 1"),
         ("space.searcher=bayes", "search_spaces/continuum.yaml: searcher: 'bayes' is not allowed "
-         "(allowed: grid, random, optuna)"),
+         "(allowed: grid, random, optuna, nsga2)"),
     ],
 )  # fmt: skip
 def test_bad_overrides(project, sets, message, capsys):
@@ -330,7 +331,8 @@ def test_load_space_names_what_is_available(project):
         load_space("group_widht", ["search_spaces"])
     assert str(err.value) == (
         "space: no search space 'group_widht'; did you mean 'group_width'? (available: "
-        "continuum, group_width, inception_points, layerwise_random, order_x_mid, per_flow)"
+        "continuum, group_width, inception_points, layerwise_random, order_x_mid, per_flow, "
+        "per_flow_latency, residual_x_towers)"
     )
     with pytest.raises(ConfigError, match=r"^elsewhere/none.yaml: no such file$"):
         load_space("elsewhere/none.yaml", ["search_spaces"])

@@ -107,11 +107,11 @@ def test_cost_pareto_edf_curves(tables):
 
 def test_pareto_front():
     summary = pd.DataFrame({"flops": [1, 2, 3, 4], "mean": [0.5, 0.7, 0.6, 0.8]})
-    assert plots.pareto_front(summary, "flops", False)["flops"].tolist() == [1, 2, 4]
+    assert analysis.pareto_front(summary, "flops", False)["flops"].tolist() == [1, 2, 4]
     tied = pd.DataFrame({"flops": [1, 1, 2], "mean": [0.5, 0.6, 0.55]})
-    assert plots.pareto_front(tied, "flops", False)["mean"].tolist() == [0.6]
+    assert analysis.pareto_front(tied, "flops", False)["mean"].tolist() == [0.6]
     speed = pd.DataFrame({"images_per_s": [10, 20, 30], "mean": [0.9, 0.8, 0.7]})
-    assert plots.pareto_front(speed, "images_per_s", True)["mean"].tolist() == [0.9, 0.8, 0.7]
+    assert analysis.pareto_front(speed, "images_per_s", True)["mean"].tolist() == [0.9, 0.8, 0.7]
 
 
 @slow
@@ -383,7 +383,7 @@ def test_pareto_names_do_not_overlap():
     fig = plots.pareto(table)
     ax = fig.axes[0]
     names, boxes = _names(fig, ax)
-    front = plots.pareto_front(analysis.summarize(table), "flops", False)["towers"]
+    front = analysis.pareto_front(analysis.summarize(table), "flops", False)["towers"]
     assert names[: len(front)] == [str(t) for t in front]  # the front keeps its names
     assert 1 < len(names) <= 7
     _apart(fig, ax, boxes)

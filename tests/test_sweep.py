@@ -51,16 +51,6 @@ def test_grid_sweep_writes_one_finished_row_per_trial(tiny_sweep):
         assert row["params"] == sum(p.numel() for p in model.parameters())
 
 
-def test_optuna_search_repeats_each_point_over_the_seeds(tmp_path):
-    cfg = _digits("space=per_flow", "space.num_samples=2", "seeds=[0, 1]", "train.max_steps=2")
-    outcome = run_sweep(cfg, storage=tmp_path)
-    table = results.load(outcome.results_path)
-    assert outcome.statuses == {"finished": 4}
-    points = table.groupby("point")["seed"].apply(sorted)
-    assert len(points) == 2 and all(seeds == [0, 1] for seeds in points)
-    assert all("[entry=" in label for label in table["towers"])
-
-
 def test_asha_closes_every_trial(tmp_path):
     asha = "scheduler={name: asha, grace_period: 1, reduction_factor: 2}"
     grid = "space.params={model.towers: {grid: [1, 2, 4, depthwise]}}"

@@ -129,3 +129,48 @@ def test_bad_model_arguments(kwargs, message):
     with pytest.raises(ValueError) as err:
         xception(**{"width": 0.125, "middle_blocks": 1, **kwargs})
     assert str(err.value) == message
+
+
+# trainable parameters of the four 1×1 shortcut convs and their BatchNorms (64→128, 128→256,
+# 256→728, 728→1024), by hand from the architecture table
+SHORTCUT_PARAMS = (
+    (64 * 128 + 2 * 128) + (128 * 256 + 2 * 256) + (256 * 728 + 2 * 728) + (728 * 1024 + 2 * 1024)
+)
+
+
+def test_the_paper_xception_without_residual_connections():
+    with torch.device("meta"):
+        plain = xception(residual=False)
+    assert SHORTCUT_PARAMS == 977_072
+    assert _trainable(plain) == KERAS_XCEPTION_TRAINABLE - SHORTCUT_PARAMS == 21_878_880
+    assert plain.complexity(299).params == _trainable(plain)
+    x = torch.empty(1, 3, 299, 299, device="meta")
+    with FlopCounterMode(display=False) as counter:
+        plain(x)
+    assert plain.complexity(299).flops == counter.get_total_flops()
+    assert not any("shortcut" in name for name, _ in plain.named_modules())
+
+
+def test_without_residuals_a_block_is_its_convolutions_alone():
+    torch.manual_seed(0)
+    residual, plain = xception(**TINY), xception(residual=False, **TINY)
+    plain.load_state_dict(residual.state_dict(), strict=False)  # the shortcuts are left over
+    block = residual.middle.block5.eval()
+    x = torch.randn(2, block.convs[0].in_channels, 4, 4)
+    skipped = plain.middle.block5.eval()
+    torch.testing.assert_close(block(x), skipped(x) + x)  # the middle flow adds its input back
+
+
+@pytest.mark.parametrize("towers", [1, 4, "depthwise"])
+def test_matching_holds_parameters_equal_without_residuals(towers):
+    kwargs = {"width": 0.25, "middle_blocks": 2, "stem": "small", "num_classes": 10}
+    with torch.device("meta"):
+        reference = xception(residual=False, **kwargs)
+        model = xception(residual=False, towers=towers, match="params", input_size=16, **kwargs)
+    assert abs(_trainable(model) / _trainable(reference) - 1) <= 0.02
+
+
+def test_residual_and_pool_padding_are_for_xception_only():
+    cfg = ModelConfig(name="resnet18", residual=False)
+    with pytest.raises(ValueError, match="residual False needs name 'xception'"):
+        build_model(cfg, in_chans=3, num_classes=10, image_size=32)

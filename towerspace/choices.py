@@ -6,5 +6,8 @@ MIDS: tuple[str, ...] = ("none", "relu", "elu", "bn", "bn_relu")  # between the 
 MATCHES: tuple[str, ...] = ("none", "params", "flops")  # what budget matching holds equal
 # imagenet: two unpadded 3×3 convs, the first strided; small: padded, stride 1
 STEMS: tuple[str, ...] = ("imagenet", "small")
+# Xception's strided max-pools: torch pads 1 on every side (timm, Cadene); keras pads as Keras'
+# "same" does, the odd pixel of an even input at the bottom and right only
+POOL_PADDINGS: tuple[str, ...] = ("torch", "keras")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")  # auto: CUDA where there is one
 EXPORT_FORMATS: tuple[str, ...] = ("onnx", "pt2")  # onnx: an ONNX file; pt2: torch.export's

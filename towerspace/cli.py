@@ -79,6 +79,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _fraction(text: str) -> float:
+    """A number strictly between 0 and 1 (a difference in accuracy, a power)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1), got {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1), got {text}")
+    return value
+
+
 def _non_negative_float(text: str) -> float:
     try:
         value = float(text)
@@ -688,8 +699,40 @@ def build_parser() -> argparse.ArgumentParser:
                       "file is never replaced)")  # fmt: skip
     init.set_defaults(func=cmd_init)
     _add_status_parser(command)
+    _add_plan_parser(command)
     _add_export_parser(command)
     return parser
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Seeds per point that resolve an accuracy difference, from a sweep's (or a pilot's) seeds."""
+    import pandas as pd
+
+    from towerspace import plan, results
+
+    sweep_dir = Path(args.sweep_dir)
+    if not (sweep_dir / results.RECORDS).is_dir():
+        raise UserError(f"{sweep_dir}: no sweep here (no {results.RECORDS}/ folder)")
+    table, lines = plan.plan(results.load(sweep_dir), args.delta, reference=args.reference,
+                             power=args.power)  # fmt: skip
+    shown = table[[c for c in plan.COLUMNS if c in table]]
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        print(shown.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    print("\n".join(lines))
+    return 0
+
+
+def _add_plan_parser(command: Callable[[str, str], argparse.ArgumentParser]) -> None:
+    plan = command("plan", "seeds per point that resolve an accuracy difference, and their cost")
+    plan.add_argument("sweep_dir", help="a sweep (or pilot) with 2 or more seeds per point")
+    plan.add_argument("--delta", type=_fraction, required=True,
+                      help="the true difference in accuracy to detect, e.g. 0.005")  # fmt: skip
+    plan.add_argument("--power", type=_fraction, default=0.8,
+                      help="chance of detecting it (default: 0.8)")  # fmt: skip
+    plan.add_argument("--reference", default=None,
+                      help="the point every other is paired with (default: depthwise, or the "
+                      "finished point nearest it)")  # fmt: skip
+    plan.set_defaults(func=cmd_plan)
 
 
 def cmd_status(args: argparse.Namespace) -> int:

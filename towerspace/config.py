@@ -81,6 +81,16 @@ def _scheduler(data: Any, where: str, path: str) -> SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class LatencyConfig:
+    """The measured step time (latency_ms): the sum of the model's layers' times on the trial's
+    device, each distinct layer timed once per sweep (towerspace.latency)."""
+
+    measure: bool = False  # also without a space that searches on latency_ms
+    mode: str = field(default="train", metadata={"choices": ("train", "eval")})  # eval: forward
+    batch: int | None = field(default=None, metadata={"min": 1})  # None: a worker's train batch
+
+
+@dataclass(frozen=True)
 class FaultConfig:
     """For testing a sweep's fault handling: make chosen trials fail on purpose (off: no kind)."""
 
@@ -107,6 +117,7 @@ class ExperimentConfig:
                                        metadata={"parse": _scheduler})  # fmt: skip
     storage: str | None = None  # folder for sweeps; None: the command line's default
     retries: int = field(default=0, metadata={"min": 0})  # a raising trial is retried this often
+    latency: LatencyConfig = field(default_factory=LatencyConfig)  # measured when searched on
     faults: FaultConfig = field(default_factory=FaultConfig)  # for testing only
     source: str = ""  # the file it was loaded from (filled by the loader)
 
@@ -307,6 +318,12 @@ def _assign(cfg: ExperimentConfig, raw: dict[str, Any], keys: Sequence[str],
 
 def _check_params(space: SpaceConfig, space_file: str) -> None:
     """Every space parameter names a field, with a domain its searcher and type can draw."""
+    for name in ("objectives", "constraints"):
+        if getattr(space, name) and space.searcher == "grid":
+            fail(space_file, name, "needs a searcher that samples (optuna, nsga2 or random); "
+                                   "grid runs every point anyway")  # fmt: skip
+    if space.metric in space.objectives:
+        fail(space_file, f"objectives.{space.metric}", "is the space's metric already")
     for key, domain in space.params.items():
         path = f"params.{key}"
         if key == "seed":

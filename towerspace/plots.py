@@ -28,6 +28,7 @@ COSTS = {
     "params": ("params", "parameters", False),
     "flops": ("flops", "forward FLOPs per image", False),
     "throughput": ("images_per_s", "training throughput (images/s)", True),
+    "latency": ("latency_ms", "measured step time (ms, sum of layers)", False),
 }
 
 
@@ -175,11 +176,14 @@ def continuum(results: pd.DataFrame, x: str = "towers", metric: str = analysis.M
 
 
 def cost(results: pd.DataFrame, x: str = "towers") -> Figure:
-    """Parameters, FLOPs and measured training throughput across the continuum."""
+    """Parameters, FLOPs, measured training throughput and (where measured) step time across
+    the continuum."""
     summary = analysis.summarize(results)
-    fig = Figure(figsize=(11, 3.6), layout="constrained")
-    axes = fig.subplots(1, 3)
-    for ax, (column, label, _) in zip(axes, COSTS.values(), strict=True):
+    shown = [c for c in COSTS.values() if c[0] in summary and summary[c[0]].notna().any()]
+    shown = shown or list(COSTS.values())[:3]
+    fig = Figure(figsize=(3.7 * len(shown), 3.6), layout="constrained")
+    axes = fig.subplots(1, len(shown))
+    for ax, (column, label, _) in zip(axes, shown, strict=True):
         for i, (key, line) in enumerate(_lines(summary)):
             for j, (part, joined) in enumerate(_parts(line)):
                 ax.plot(_x(part, x), part[column], marker="o", color=COLORS[i % len(COLORS)],
@@ -206,7 +210,7 @@ def pareto(results: pd.DataFrame, cost: str = "flops", metric: str = analysis.ME
     fronts, others = [], []
     for i, (key, line) in enumerate(lines):
         color = COLORS[i % len(COLORS)]
-        front = pareto_front(line, column, higher_is_better)
+        front = analysis.pareto_front(line, column, higher_is_better)
         ax.scatter(line[column], line["mean"], color=color, zorder=3)
         ax.plot(front[column], front["mean"], color=color, marker="D", mfc="none", ms=10,
                 label=_label(key) if len(lines) > 1 else "Pareto front", zorder=2)  # fmt: skip
@@ -279,18 +283,6 @@ def _name_points(ax, points, fontsize: float = 8) -> None:
                 taken.append(box)
                 break
             text.remove()
-
-
-def pareto_front(summary: pd.DataFrame, column: str, higher_is_better: bool) -> pd.DataFrame:
-    """Points no other point beats on both accuracy and cost, sorted by cost."""
-    # on a tie in cost the more accurate point comes first, so the other is dominated
-    ordered = summary.sort_values([column, "mean"], ascending=[not higher_is_better, False])
-    best, keep = -np.inf, []
-    for index, acc in ordered["mean"].items():
-        if acc > best:
-            keep.append(index)
-            best = acc
-    return summary.loc[keep].sort_values(column)
 
 
 def edf(results: pd.DataFrame, by: str = "towers", metric: str = analysis.METRIC) -> Figure:

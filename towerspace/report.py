@@ -59,6 +59,7 @@ def write_report(
         "cost": plots.cost(table),
         "pareto_flops": plots.pareto(table, cost="flops"),
         "pareto_throughput": plots.pareto(table, cost="throughput"),
+        **_latency_figures(table),
         "edf": plots.edf(table),
         "curves": plots.curves(
             history[history["trial_id"].isin(finished["trial_id"])], results=table
@@ -67,3 +68,10 @@ def write_report(
     paths = [p for name, fig in figures.items()
              for p in plots.save(fig, folder / PLOTS / name, root=folder)]  # fmt: skip
     return Report(paths, analysis.summarize(table), notes)
+
+
+def _latency_figures(table: pd.DataFrame) -> dict[str, plots.Figure]:
+    """Accuracy against measured step time, where the trials measured it."""
+    if not table["latency_ms"].notna().any():
+        return {}
+    return {"pareto_latency": plots.pareto(table, cost="latency")}

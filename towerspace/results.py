@@ -42,6 +42,7 @@ DTYPES = {
     "int64": "`int64`",
     "Int64": "`Int64` (nullable)",
     "float64": "`float64`",
+    "boolean": "`boolean` (nullable)",
     "towers": "ordered `category`",
     "ints": "`object`: a list of int",
 }
@@ -55,10 +56,16 @@ RESULTS_SCHEMA: dict[str, Column] = {
     "order": Column("str", "`spatial_first` or `pointwise_first`"),
     "mid": Column("str", "the op between the k×k and the 1×1 convolution"),
     "match": Column("str", "budget matching: `params`, `flops` or `none`"),
+    "residual": Column("boolean", "whether the model keeps its shortcuts (`model.residual`)"),
     "width": Column("float64", "width multiplier (solved, when budgets are matched)"),
     "params": Column("Int64", "trainable parameters"),
     "flops": Column("Int64", "forward FLOPs per image"),
     "training_flops": Column("Int64", "training FLOPs per image (3× forward)"),
+    "latency_ms": Column(
+        "float64",
+        "measured step time of the batch, the sum of its layers' "
+        "(null: not measured; see `latency`)",
+    ),
     "final_val_acc": Column("float64", "top-1 validation accuracy after the last epoch run"),
     "best_val_acc": Column("float64", "the best finite top-1 validation accuracy of an epoch"),
     "final_val_top5": Column("float64", "top-5 validation accuracy after the last epoch run"),
@@ -112,10 +119,12 @@ NUMBER = (int, float)
 RECORD_FIELDS: dict[str, tuple[type, ...]] = {
     "trial_id": (str,), "status": (str,), "seed": (int,), "towers": (str,),
     "experiment": (str, type(None)), "point": (dict,), "order": (str, type(None)),
-    "mid": (str, type(None)), "match": (str, type(None)), "width": (*NUMBER, type(None)),
+    "mid": (str, type(None)), "match": (str, type(None)), "residual": (bool, type(None)),
+    "width": (*NUMBER, type(None)),
     "budget_error": (*NUMBER, type(None)), "data": (str, type(None)),
     "params": (int, type(None)), "flops": (int, type(None)),
-    "training_flops": (int, type(None)), "realized": (dict, type(None)),
+    "training_flops": (int, type(None)), "latency_ms": (*NUMBER, type(None)),
+    "realized": (dict, type(None)),
     "epochs_planned": (int, type(None)), "epochs_run": (int, type(None)),
     "error": (str, type(None)), "resumed_at": (list,), "config": (dict, type(None)),
     "history": (list,), "final_val_acc": (*NUMBER, type(None)),
@@ -242,6 +251,7 @@ def _row(record: dict[str, Any]) -> dict[str, Any]:
         group_widths=sorted({layer["group_width"] for layer in layers}),
         point=_json(record.get("point")),
         config=_json(record.get("config")),
+        residual=record.get("residual", True),  # absent: a record from before the option
     )
     return row
 

@@ -16,7 +16,11 @@ from towerspace.files import shown
 from towerspace.schema import as_float, coerce, fail, is_int, show
 from towerspace.yamlfile import read_mapping
 
-SEARCHERS = ("grid", "random", "optuna")
+SEARCHERS = ("grid", "random", "optuna", "nsga2")  # optuna: TPE (multi-objective too); nsga2
+# what a trial reports, that a space may search on: per epoch, and fixed costs (latency_ms: the
+# measured step time, see towerspace.latency)
+METRICS = ("val_acc", "val_loss", "val_top5", "train_loss", "latency_ms", "params", "flops",
+           "training_flops")  # fmt: skip
 DOMAIN_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 RANGE_KINDS = ("uniform", "loguniform", "randint")  # values are (low, high); randint: high excluded
 
@@ -69,6 +73,36 @@ def parse_params(data: Any, where: str, path: str) -> dict[str, Domain]:
     return {key: parse_domain(value, where, f"{path}.{key}") for key, value in params.items()}
 
 
+def _metric_name(name: Any, where: str, path: str) -> str:
+    if name not in METRICS:
+        fail(where, path, f"{show(name)} is not a metric trials report; allowed: "
+                          f"{', '.join(METRICS)}")  # fmt: skip
+    return name
+
+
+def parse_objectives(data: Any, where: str, path: str) -> dict[str, str]:
+    """Extra objectives: metric → 'max' or 'min'."""
+    objectives = coerce(dict[str, Any], data, where, path)
+    for name, mode in objectives.items():
+        _metric_name(name, where, f"{path}.{name}")
+        if mode not in ("max", "min"):
+            fail(where, f"{path}.{name}", f"{show(mode)} is not allowed; allowed: max, min")
+    return objectives
+
+
+def parse_constraints(data: Any, where: str, path: str) -> dict[str, float]:
+    """Upper bounds: metric → a finite number."""
+    bounds = coerce(dict[str, Any], data, where, path)
+    for name, bound in bounds.items():
+        _metric_name(name, where, f"{path}.{name}")
+        number = as_float(bound)
+        if number is None or not math.isfinite(number):
+            fail(where, f"{path}.{name}", f"{show(bound)} is not a finite number (an upper "
+                                          f"bound: {name} <= it)")  # fmt: skip
+        bounds[name] = number
+    return bounds
+
+
 @dataclass(frozen=True)
 class SpaceConfig:
     """A search space: which experiment fields vary, and how they are searched."""
@@ -81,6 +115,17 @@ class SpaceConfig:
     mode: str = field(default="max", metadata={"choices": ("max", "min")})  # max: higher is better
     # dotted field → domain
     params: dict[str, Domain] = field(default_factory=dict, metadata={"parse": parse_params})
+    # more objectives than metric (multi-objective, optuna or nsga2): name → max or min
+    objectives: dict[str, str] = field(default_factory=dict, metadata={"parse": parse_objectives})
+    # upper bounds (Optuna constraints: the sampler steers away from points above them)
+    constraints: dict[str, float] = field(default_factory=dict,
+                                          metadata={"parse": parse_constraints})  # fmt: skip
+
+    @property
+    def measures_latency(self) -> bool:
+        """Whether the space searches on the measured step time."""
+        names = (self.metric, *self.objectives, *self.constraints)
+        return "latency_ms" in names
 
 
 # ---------------------------------------------------------------- points

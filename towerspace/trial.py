@@ -16,6 +16,7 @@ import towerspace
 from towerspace import data as datasets
 from towerspace.config import ExperimentConfig, apply, to_dict
 from towerspace.files import write_json
+from towerspace.latency import TABLE, LatencyTable, model_latency
 from towerspace.models import build_model, complexity
 from towerspace.results import read_record
 from towerspace.status import Status
@@ -103,11 +104,23 @@ def failed_record(
         "experiment": cfg.name, "trial_id": trial_id, "status": Status.ERROR, "seed": seed,
         "point": dict(point), "towers": towers, "order": trial_cfg.model.order,
         "mid": trial_cfg.model.mid, "match": trial_cfg.model.match,
+        "residual": trial_cfg.model.residual,
         "width": trial_cfg.model.width, "data": trial_cfg.data.name,
         "epochs_planned": trial_cfg.train.epochs, "epochs_run": 0,
         "error": one_line(err) if err is not None else None, "resumed_at": [],
         "config": to_dict(trial_cfg), **origin, "history": [],
     }  # fmt: skip
+
+
+def record_costs(record: Mapping[str, Any]) -> dict[str, float]:
+    """A record's fixed numbers: params, FLOPs, width, latency_ms, and its fewest and most
+    towers of any layer (those it has)."""
+    towers = [layer["towers"] for layer in (record.get("realized") or {}).values()]
+    fixed = {k: record.get(k) for k in ("params", "flops", "training_flops", "width",
+                                        "latency_ms")}  # fmt: skip
+    if towers:
+        fixed.update(towers_min=min(towers), towers_max=max(towers))
+    return {k: v for k, v in fixed.items() if isinstance(v, int | float)}
 
 
 def _targets(point: Mapping[str, Any], trial_point: Mapping[str, Any], seed: int) -> bool:
@@ -151,6 +164,19 @@ class Trial:
                                world_size=world_size)  # fmt: skip
         self.record_path = record_path
         self.record = self._initial_record(cfg, seed, trial_id, point, origin or provenance())
+        if rank == 0 and (cfg.latency.measure or cfg.space.measures_latency):
+            self.record["latency_ms"] = self._latency(cfg, record_path.parent.parent / TABLE)
+
+    def _latency(self, cfg: ExperimentConfig, table: Path) -> float:
+        """The model's measured step time on this trial's device, batch, layout and autocast,
+        from the sweep's table of layer times (timing the layers it lacks)."""
+        trainer, data = self.trainer, self.data
+        batch = cfg.latency.batch or max(1, cfg.train.batch_size // cfg.resources.workers)
+        shape = (batch, data.in_chans, data.image_size, data.image_size)
+        x = trainer._inputs(torch.randn(shape, generator=torch.Generator().manual_seed(0)))
+        measured = model_latency(trainer.model, x, mode=cfg.latency.mode, table=LatencyTable(table),
+                                 autocast=trainer._autocast())  # fmt: skip
+        return round(measured.ms, 4)
 
     def _initial_record(self, cfg, seed, trial_id, point, origin) -> dict[str, Any]:
         realized = realized_towers(self.model)
@@ -166,6 +192,7 @@ class Trial:
             "order": cfg.model.order,
             "mid": cfg.model.mid,
             "match": cfg.model.match,
+            "residual": cfg.model.residual,
             "width": budget.get("solved_width", cfg.model.width),
             "budget_error": budget.get("budget_error"),
             "data": cfg.data.name,
@@ -185,12 +212,7 @@ class Trial:
     def costs(self) -> dict[str, float]:
         """The trial's fixed numbers (what it costs and how its layers were built), reported to
         Ray with every epoch: TensorBoard's HParams view and ExperimentAnalysis show them."""
-        record = self.record
-        towers = [layer["towers"] for layer in (record["realized"] or {}).values()]
-        fixed = {k: record[k] for k in ("params", "flops", "training_flops", "width")}
-        if towers:
-            fixed.update(towers_min=min(towers), towers_max=max(towers))
-        return {k: v for k, v in fixed.items() if isinstance(v, int | float)}
+        return record_costs(self.record)
 
     def save_checkpoint(self, directory: Path) -> None:
         """Everything needed to continue this trial exactly."""

@@ -10,7 +10,7 @@ from torch import nn
 
 from towerspace.block import IMPL_NAMES
 from towerspace.budget import schedule_divisor
-from towerspace.choices import MATCHES, MIDS, ORDERS, STEMS
+from towerspace.choices import MATCHES, MIDS, ORDERS, POOL_PADDINGS, STEMS
 from towerspace.errors import ConfigError
 from towerspace.models.builders import TORCHVISION, custom_builder, torchvision_builder
 from towerspace.models.pretrained import load_pretrained
@@ -31,7 +31,8 @@ def _xception(
                      overrides=cfg.overrides, snap=cfg.snap, layer_seed=cfg.layer_seed,
                      order=cfg.order, mid=cfg.mid, dropout=cfg.dropout, match=cfg.match,
                      reference=cfg.reference, input_size=image_size,
-                     channel_divisor=cfg.channel_divisor, impl=cfg.impl)  # fmt: skip
+                     channel_divisor=cfg.channel_divisor, impl=cfg.impl, residual=cfg.residual,
+                     pool_padding=cfg.pool_padding)  # fmt: skip
     if cfg.init_from is not None:  # the same function as the source, at this model's towers
         try:
             load_pretrained(model, cfg.init_from)
@@ -113,6 +114,9 @@ class ModelConfig:
     impl: str = field(default="native", metadata={"choices": IMPL_NAMES})  # auto: fastest, measured
     builder: str | None = None  # model.name custom: "path/to/file.py:function" (cwd-relative)
     init_from: str | None = None  # a state dict: towerspace or timm legacy_xception (cwd-relative)
+    residual: bool = True  # xception: false drops every shortcut (the paper's section 4.7)
+    # xception: keras pads its strided max-pools as Keras does (for weights trained in Keras)
+    pool_padding: str = field(default="torch", metadata={"choices": POOL_PADDINGS})
 
 
 def build_model(cfg: ModelConfig, *, in_chans: int, num_classes: int, image_size: int) -> nn.Module:
@@ -123,5 +127,9 @@ def build_model(cfg: ModelConfig, *, in_chans: int, num_classes: int, image_size
                          f"got match {cfg.match!r}")  # fmt: skip
     if cfg.init_from is not None and cfg.name != "xception":
         raise ConfigError(f"init_from needs name 'xception' for now, got name {cfg.name!r}")
+    for name, default in (("residual", True), ("pool_padding", "torch")):
+        if getattr(cfg, name) != default and cfg.name != "xception":
+            raise ConfigError(f"{name} {getattr(cfg, name)!r} needs name 'xception' (other "
+                              f"models keep their own wiring), got name {cfg.name!r}")  # fmt: skip
     return BUILDERS[cfg.name](cfg, in_chans=in_chans, num_classes=num_classes,
                               image_size=image_size, stem=stem)  # fmt: skip

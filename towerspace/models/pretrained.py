@@ -1,4 +1,5 @@
-"""Start a model from depthwise weights: timm's legacy_xception, or any finer-towered Xception.
+"""Start a model from depthwise weights: Keras', timm's legacy_xception, or any finer-towered
+Xception.
 
 A depthwise kernel is a grouped kernel whose off-diagonal blocks are zero, so an Xception at
 fewer towers (and the same widths) can start from a depthwise one and compute the same function.
@@ -65,6 +66,65 @@ def from_timm_xception(state_dict: StateDict) -> dict[str, torch.Tensor]:
             value = value[:, :, None, None]  # Cadene's first Keras conversion stored (out, in)
         renamed[name] = value
     return renamed
+
+
+_KERAS_SITE = re.compile(r"^block(\d+)_(conv|sepconv)(\d)(_bn)?$")
+# Keras names its shortcut convs and their BatchNorms only by count (conv2d, conv2d_1, ...):
+# they come, in layer order, to these blocks
+_KERAS_SHORTCUTS = ("entry.block2", "entry.block3", "entry.block4", "exit.block13")
+_BN = ("weight", "bias", "running_mean", "running_var")  # Keras: gamma, beta, moving mean, var
+
+
+def _keras_site(name: str) -> str | None:
+    """A Keras Xception layer name (block4_sepconv2_bn) as towerspace's module path."""
+    match = _KERAS_SITE.match(name)
+    if match is None:
+        return None
+    block, index, bn = int(match[1]), int(match[3]) - 1, match[4]
+    if block == 1:
+        return f"stem.{3 * index + (1 if bn else 0)}"
+    flow = "entry" if block <= 4 else "middle" if block <= 12 else "exit"
+    return f"{flow}.block{block}.{'norms' if bn else 'convs'}.{index}"
+
+
+def _keras_tensors(path: str, arrays: list, shortcut: bool) -> dict[str, torch.Tensor]:
+    """One Keras layer's weights (channels-last kernels) as towerspace tensors."""
+    t = [torch.as_tensor(a, dtype=torch.float32) for a in arrays]
+    if len(t) == 4:  # BatchNormalization
+        out = {f"{path}.{k}": v for k, v in zip(_BN, t, strict=True)}
+        return {**out, f"{path}.num_batches_tracked": torch.tensor(0)}
+    if len(t) == 2 and not shortcut and t[0].dim() == 4:  # SeparableConv2D: depthwise, pointwise
+        return {f"{path}.spatial.weight": t[0].permute(2, 3, 0, 1).contiguous(),
+                f"{path}.pointwise.weight": t[1].permute(3, 2, 0, 1).contiguous()}  # fmt: skip
+    if len(t) == 2:  # Dense: kernel (in, out), bias
+        return {f"{path}.weight": t[0].T.contiguous(), f"{path}.bias": t[1]}
+    return {f"{path}.weight": t[0].permute(3, 2, 0, 1).contiguous()}  # Conv2D (h, w, in, out)
+
+
+def from_keras_xception(source) -> dict[str, torch.Tensor]:
+    """Keras Applications' Xception as a towerspace depthwise state dict: from the Keras model
+    (anything with `.layers`), or from {layer name: layer.get_weights()} in layer order.
+
+    Load it into `xception(pool_padding="keras")` to compute what Keras computes (Keras pads
+    the strided max-pools of even inputs at the bottom and right only).
+    """
+    if hasattr(source, "layers"):
+        source = {layer.name: layer.get_weights() for layer in source.layers}
+    state, convs, norms = {}, iter(_KERAS_SHORTCUTS), iter(_KERAS_SHORTCUTS)
+    for name, arrays in source.items():
+        if not len(arrays):
+            continue
+        path, shortcut = _keras_site(name), False
+        if name == "predictions":
+            path = "fc"
+        elif path is None and (name == "conv2d" or name.startswith("conv2d_")):
+            path, shortcut = f"{next(convs)}.shortcut.0", True
+        elif path is None and name.startswith("batch_normalization"):
+            path = f"{next(norms)}.shortcut.1"
+        if path is None:
+            raise ConfigError(f"{name!r} is not a layer of Keras' Xception")
+        state.update(_keras_tensors(path, list(arrays), shortcut))
+    return state
 
 
 def read_state_dict(source: str | Path | StateDict) -> dict[str, torch.Tensor]:

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from towerspace.block import Complexity, TowerConv2d, tower_complexity
 from towerspace.budget import Match, match_channels, round_channels, schedule_divisor
-from towerspace.choices import MATCHES, STEMS
+from towerspace.choices import MATCHES, POOL_PADDINGS, STEMS
 from towerspace.errors import ConfigError
 from towerspace.towers import TowerSchedule, TowerSpecLike
 
@@ -43,6 +45,8 @@ class Arch:
     order: str = "spatial_first"
     mid: str = "none"  # op between the two convs of each block
     dropout: float = 0.0  # before the classifier (costs nothing)
+    residual: bool = True  # False: no shortcuts at all (the paper's section 4.7 ablation)
+    pool_padding: str = "torch"  # keras: its "same" padding of the strided max-pools
 
 
 @dataclass(frozen=True)
@@ -70,13 +74,15 @@ class BlockPlan:
         return [schedule.towers_for(s, c) for s, c in zip(self.sites, spatial, strict=True)]
 
 
-def plan(channels: Mapping[str, int], middle_blocks: int) -> list[BlockPlan]:
-    """The blocks of Xception after the stem, from the architecture table."""
+def plan(channels: Mapping[str, int], middle_blocks: int, residual: bool = True) -> list[BlockPlan]:
+    """The blocks of Xception after the stem, from the architecture table (residual=False:
+    without any shortcut)."""
     rows = [*ENTRY, *[("middle", f"block{5 + i}", MIDDLE, False) for i in range(middle_blocks)]]
     blocks, prev = [], channels["stem2"]
     for flow, name, groups, down in (*rows, *EXIT):
         out = tuple(channels[g] for g in groups)
-        blocks.append(BlockPlan(flow, name, prev, out, down, relu_first=name != "block2"))
+        blocks.append(BlockPlan(flow, name, prev, out, down, relu_first=name != "block2",
+                                residual=residual))  # fmt: skip
         prev = out[-1]
     head = tuple(channels[g] for g in HEAD)
     blocks.append(BlockPlan("exit", "block14", prev, head, False, False, False, True))
@@ -93,11 +99,38 @@ def _conv_complexity(c_in: int, c_out: int, k: int, stride: int, pad: int, h: in
     return Complexity(weights + 2 * c_out, 2 * weights * out_h * out_w, out_h, out_w)  # + BN
 
 
+class KerasMaxPool2d(nn.Module):
+    """A max-pool with Keras' (TensorFlow's) "same" padding: ceil(n / stride) outputs, the odd
+    padded pixel at the bottom and right (PyTorch's `padding=` pads both sides alike)."""
+
+    def __init__(self, kernel_size: int = 3, stride: int = 2) -> None:
+        super().__init__()
+        self.kernel_size, self.stride = kernel_size, stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pad: list[int] = []
+        for n in (x.shape[-1], x.shape[-2]):  # F.pad's order: last dimension first
+            total = max((math.ceil(n / self.stride) - 1) * self.stride + self.kernel_size - n, 0)
+            pad += [total // 2, total - total // 2]
+        return F.max_pool2d(F.pad(x, pad, value=-math.inf), self.kernel_size, self.stride)
+
+
+def max_pool(pool_padding: str) -> nn.Module:
+    """Xception's 3×3 max-pool by 2, padded as pool_padding says (see POOL_PADDINGS)."""
+    return KerasMaxPool2d() if pool_padding == "keras" else nn.MaxPool2d(3, stride=2, padding=1)
+
+
 class SeparableBlock(nn.Module):
     """Separable convs (ReLU → TowerConv2d → BN), a residual shortcut, optional max-pool."""
 
     def __init__(
-        self, block: BlockPlan, towers: list[int], order: str, mid: str, impl: str = "native"
+        self,
+        block: BlockPlan,
+        towers: list[int],
+        order: str,
+        mid: str,
+        impl: str = "native",
+        pool_padding: str = "torch",
     ) -> None:
         super().__init__()
         self.relu_first, self.relu_after, self.residual = (
@@ -115,7 +148,7 @@ class SeparableBlock(nn.Module):
                 nn.Conv2d(block.in_channels, block.channels[-1], 1, stride=2, bias=False),
                 _bn(block.channels[-1]),
             )
-        self.pool = nn.MaxPool2d(3, stride=2, padding=1) if block.down else nn.Identity()
+        self.pool = max_pool(pool_padding) if block.down else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = x
@@ -141,9 +174,11 @@ def block_complexity(
         conv = tower_complexity(c_in, c_out, total.height, total.width, towers=t, order=order,
                                 mid=mid)  # fmt: skip
         total = total + conv + Complexity(2 * c_out, 0, conv.height, conv.width)
-    if block.down:
+    if block.down:  # both paddings give ceil(n / 2) outputs
         out_h, out_w = (total.height + 1) // 2, (total.width + 1) // 2
-        short = _conv_complexity(block.in_channels, block.channels[-1], 1, 2, 0, h, w)
+        short = Complexity(0, 0, out_h, out_w)
+        if block.residual:
+            short = _conv_complexity(block.in_channels, block.channels[-1], 1, 2, 0, h, w)
         total = Complexity(total.params + short.params, total.flops + short.flops, out_h, out_w)
     return total
 
@@ -157,7 +192,7 @@ def xception_complexity(
     total = total + _conv_complexity(
         channels["stem1"], channels["stem2"], 3, 1, pad, total.height, total.width
     )
-    for block in plan(channels, arch.middle_blocks):
+    for block in plan(channels, arch.middle_blocks, arch.residual):
         towers = block.towers(schedule, arch.order)
         cost = block_complexity(block, towers, arch.order, arch.mid, total.height, total.width)
         total = total + cost
@@ -179,6 +214,9 @@ class Xception(nn.Module):
         super().__init__()
         if arch.stem not in STEMS:
             raise ConfigError(f"stem={arch.stem!r} is not one of: {', '.join(STEMS)}")
+        if arch.pool_padding not in POOL_PADDINGS:
+            raise ConfigError(f"pool_padding={arch.pool_padding!r} is not one of: "
+                              f"{', '.join(POOL_PADDINGS)}")  # fmt: skip
         c = dict(channels)
         self.channels, self.schedule, self.arch = c, schedule, arch
         stride, pad = (2, 0) if arch.stem == "imagenet" else (1, 1)
@@ -191,10 +229,11 @@ class Xception(nn.Module):
             nn.ReLU(),
         )
         self.entry, self.middle, self.exit = nn.ModuleDict(), nn.ModuleDict(), nn.ModuleDict()
-        for block in plan(c, arch.middle_blocks):
+        for block in plan(c, arch.middle_blocks, arch.residual):
             towers = block.towers(schedule, arch.order)
             flow = getattr(self, block.flow)
-            flow[block.name] = SeparableBlock(block, towers, arch.order, arch.mid, impl)
+            flow[block.name] = SeparableBlock(block, towers, arch.order, arch.mid, impl,
+                                              arch.pool_padding)  # fmt: skip
         self.dropout = nn.Dropout(arch.dropout) if arch.dropout > 0 else nn.Identity()
         self.fc = nn.Linear(c["c2048"], arch.num_classes)
         self.budget: dict[str, float | int | str] | None = None  # set by xception(match=...)
@@ -237,6 +276,8 @@ def xception(
     input_size: int | None = None,
     channel_divisor: int | None = None,
     impl: str = "native",
+    residual: bool = True,
+    pool_padding: str = "torch",
 ) -> Xception:
     """Xception at any point of the tower continuum, optionally budget-matched to a reference.
 
@@ -245,6 +286,8 @@ def xception(
     Channels round to channel_divisor: 8 by default, or with matching the least common multiple
     of the tower counts and group widths the schedule asks for (fine steps make ±2% reachable).
     impl='auto' runs each separable conv with its fastest implementation (towerspace.impls).
+    residual=False drops every shortcut (the paper's section 4.7 ablation); pool_padding='keras'
+    pads the strided max-pools as Keras does, for weights trained in Keras (docs: continuum.md).
     """
     if match not in MATCHES:
         raise ConfigError(f"match={match!r} is not one of: {', '.join(MATCHES)}")
@@ -254,7 +297,8 @@ def xception(
         raise ConfigError(f"middle_blocks must be >= 0, got {middle_blocks!r}")
     schedule = TowerSchedule.build(towers, overrides, snap, layer_seed)
     size = input_size or (299 if stem == "imagenet" else 32)
-    arch = Arch(num_classes, in_chans, middle_blocks, stem, order, mid, dropout)
+    arch = Arch(num_classes, in_chans, middle_blocks, stem, order, mid, dropout, residual,
+                pool_padding)  # fmt: skip
     base_channels = round_channels(GROUPS, width, channel_divisor or 8)
     if match == "none":
         model = Xception(channels=base_channels, schedule=schedule, arch=arch, impl=impl)

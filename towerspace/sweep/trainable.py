@@ -25,7 +25,7 @@ from towerspace.status import Status
 from towerspace.sweep.checkpoints import newest_checkpoint, prune, trial_folder
 from towerspace.sweep.disk import RESERVE
 from towerspace.sweep.state import TRAIN_RUNS
-from towerspace.trial import Trial, failed_record, one_line
+from towerspace.trial import Trial, failed_record, one_line, record_costs
 
 IMPL_CHOICES = "impl_choices.json"  # impl: auto: the kernels chosen for the sweep, by layer shape
 
@@ -50,7 +50,7 @@ def run_trial(
     record_path = Path(records) / f"{trial_id}.json"
     done = _finished_record(record_path)
     if done is not None:  # finished before a kill that Ray's saved state did not see: keep it
-        tune.report(done["history"][-1])
+        tune.report({**done["history"][-1], **record_costs(done)})
         return
     kept = _kept_error(record_path, keep_errors_before)
     if kept is not None:
@@ -154,7 +154,7 @@ def _train(
         report({**trial.record["history"][-1], **costs})  # between its last checkpoint and record
     if trial.record["status"] == Status.DIVERGED:  # never the best: searchers see the worst value
         worst = -math.inf if cfg.space.mode == "max" else math.inf
-        report({cfg.space.metric: worst, "diverged": 1})
+        report({**costs, cfg.space.metric: worst, "diverged": 1})
 
 
 def _run_data_parallel(cfg: ExperimentConfig, job: dict[str, Any]) -> None:

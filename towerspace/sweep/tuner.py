@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import Repeater
@@ -36,19 +39,73 @@ def param_space(space: SpaceConfig, seeds: tuple[int, ...]) -> dict[str, Any]:
     return params
 
 
+def metrics(space: SpaceConfig) -> tuple[list[str], list[str]]:
+    """The objectives the searcher sees (the space's metric first) and their modes."""
+    return [space.metric, *space.objectives], [space.mode, *space.objectives.values()]
+
+
+class ConstrainedSearch(OptunaSearch):
+    """Ray's OptunaSearch, telling Optuna how far a trial is past each bound of the space
+    (Trial.set_constraint: <= 0 is feasible; a bound's metric not reported counts as 1)."""
+
+    def __init__(self, *args, constraints: dict[str, float], **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.constraints = constraints
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
+        ot_trial = self._ot_trials.get(trial_id)
+        if self.constraints and ot_trial is not None and result:
+            for name, bound in self.constraints.items():
+                excess = result.get(name, math.inf) - bound
+                ot_trial.set_constraint(name, excess if math.isfinite(excess) else 1.0)
+        super().on_trial_complete(trial_id, result, error)
+
+
+class MeanRepeater(Repeater):
+    """Ray's Repeater for any number of objectives and bounds: each is averaged over the seeds
+    of a point before the searcher sees it (NaN where no seed reported it)."""
+
+    def __init__(self, searcher: ConstrainedSearch, repeat: int, keys: list[str]) -> None:
+        super().__init__(searcher, repeat=repeat, set_index=True)
+        self.keys = keys
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, **kwargs) -> None:
+        group = self._trial_id_to_group[trial_id]
+        group.report(trial_id, [float((result or {}).get(k, np.nan)) for k in self.keys])
+        if group.finished_reporting():
+            scores = np.array(group.scores(), dtype=float)
+            with warnings.catch_warnings():  # a point every seed of which failed: all NaN
+                warnings.simplefilter("ignore", RuntimeWarning)
+                means = np.nanmean(scores, axis=0)
+            mean = {k: float(v) for k, v in zip(self.keys, means, strict=True) if not np.isnan(v)}
+            self.searcher.on_trial_complete(group.primary_trial_id, result=mean or None, **kwargs)
+
+
 def searcher(space: SpaceConfig, seeds: tuple[int, ...]) -> Repeater | None:
-    """Optuna (TPE or random) for sampled spaces, repeating every point over the seeds."""
+    """Optuna (TPE, NSGA-II or random) for sampled spaces, with the space's objectives and
+    bounds, repeating every point over the seeds."""
     if space.searcher == "grid":
         return None
     import optuna  # the sampler classes; Ray's OptunaSearch drives the study
 
-    sampler = (
-        optuna.samplers.TPESampler(seed=SEARCHER_SEED)
-        if space.searcher == "optuna"
-        else optuna.samplers.RandomSampler(seed=SEARCHER_SEED)
+    sampler = {
+        "optuna": optuna.samplers.TPESampler,
+        "nsga2": optuna.samplers.NSGAIISampler,
+        "random": optuna.samplers.RandomSampler,
+    }[space.searcher](seed=SEARCHER_SEED)
+    names, modes = metrics(space)
+    multi = len(names) > 1
+    search = ConstrainedSearch(
+        # several objectives: the space is given here, so Tune's single metric does not replace
+        # the searcher's list (Tune then leaves its param_space empty: see make_tuner)
+        space=OptunaSearch.convert_search_space(param_space(space, seeds)) if multi else None,
+        metric=names if multi else space.metric,
+        mode=modes if multi else space.mode,
+        sampler=sampler,
+        constraints=space.constraints,
     )
-    search = OptunaSearch(metric=space.metric, mode=space.mode, sampler=sampler)
-    return Repeater(search, repeat=len(seeds), set_index=True)
+    keys = list(dict.fromkeys([*names, *space.constraints]))
+    return MeanRepeater(search, repeat=len(seeds), keys=keys)
 
 
 def scheduler(cfg: ExperimentConfig) -> ASHAScheduler | None:
@@ -134,7 +191,7 @@ def make_tuner(
     repeats = 1 if cfg.space.searcher == "grid" else len(cfg.seeds)
     return tune.Tuner(
         trainable,
-        param_space=param_space(cfg.space, cfg.seeds),
+        param_space={} if len(cfg.space.objectives) else param_space(cfg.space, cfg.seeds),
         tune_config=tune.TuneConfig(
             metric=cfg.space.metric,
             mode=cfg.space.mode,

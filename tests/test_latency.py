@@ -1,0 +1,154 @@
+"""Latency-aware search: layer times measured once per shape and shared, multi-objective Optuna
+with bounds as constraints, and a sweep whose results carry both objectives and a front."""
+
+import json
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+
+from towerspace import analysis, config, results
+from towerspace.latency import TABLE, LatencyTable, model_latency, units
+from towerspace.models import xception
+from towerspace.report import write_report
+from towerspace.spaces import Domain, SpaceConfig
+from towerspace.sweep import run_sweep, tuner
+from towerspace.sweep.trainable import IMPL_CHOICES
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _digits(*sets):
+    base = ("train.epochs=1", "model.width=0.125", "model.middle_blocks=1", "model.match=params")
+    return config.load_experiment(REPO / "experiments/digits_continuum.yaml", [*base, *sets])
+
+
+SMALL = {"width": 0.125, "middle_blocks": 2, "stem": "small", "num_classes": 10, "in_chans": 1}
+
+
+def test_each_distinct_layer_is_timed_once_and_kept(tmp_path):
+    torch.manual_seed(0)
+    model = xception(towers=4, **SMALL)
+    x = torch.randn(8, 1, 16, 16)
+    table = LatencyTable(tmp_path / TABLE)
+    first = model_latency(model, x, table=table, min_time=0.001, repeats=1)
+    names = [name for name, _ in units(model)]
+    assert set(first.layers) == set(names) and first.ms == pytest.approx(sum(first.layers.values()))
+    # the two middle blocks are alike: their layers share signatures, timed once
+    assert first.measured == len(json.loads((tmp_path / TABLE).read_text())["seconds"])
+    assert first.measured < len(names)
+    assert first.layers["middle.block5.convs.0"] == first.layers["middle.block6.convs.0"]
+    again = model_latency(model, x, table=LatencyTable(tmp_path / TABLE))  # another process
+    assert again.measured == 0 and again.ms == first.ms
+    wider = model_latency(xception(towers=4, **{**SMALL, "width": 0.25}), x, table=table,
+                          min_time=0.001, repeats=1)  # fmt: skip
+    assert wider.measured > 0  # new widths, new shapes
+
+
+def test_timing_leaves_the_model_and_the_random_streams_as_they_were():
+    torch.manual_seed(0)
+    model = xception(towers=2, **SMALL).train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    model_latency(model, torch.randn(4, 1, 16, 16, generator=torch.Generator()), min_time=0.001,
+                  repeats=1)  # fmt: skip
+    assert torch.equal(torch.rand(3), expected) and model.training
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_layer_times_rank_tower_counts_as_whole_steps_do():
+    """Matched widths at 1 tower vs depthwise: the layer sum and the timed step agree on which
+    is faster, and the sum is a part of the step (the step also runs ReLUs, adds, the loss)."""
+    from towerspace.data import DataSizes
+    from towerspace.estimate import time_steps
+    from towerspace.train import TrainConfig
+
+    sums, steps = [], []
+    for towers in (1, "depthwise"):
+        model = xception(towers=towers, match="params", input_size=16, **SMALL)
+        sums.append(model_latency(model, torch.randn(64, 1, 16, 16)).ms)
+        rate = time_steps(model, TrainConfig(device="cpu"), 64, DataSizes(64, 0, 10, 1, 16), "cpu")
+        steps.append(64 / rate["images_per_s"] * 1e3)
+    assert all(0.3 < s / step < 1.3 for s, step in zip(sums, steps, strict=True)), (sums, steps)
+
+
+def _space(**changes) -> SpaceConfig:
+    params = {"model.towers": Domain("choice", (1, 2, 4, 8))}
+    return SpaceConfig(name="t", searcher="optuna", num_samples=4, params=params, **changes)
+
+
+def test_a_multi_objective_search_tells_optuna_every_objective_and_bound_over_seeds():
+    space = _space(objectives={"latency_ms": "min"}, constraints={"latency_ms": 5.0})
+    search = tuner.searcher(space, seeds=(0, 1))
+    assert not search.set_search_properties("val_acc", "max", {})  # Tune's metric changes nothing
+    for i in range(4):  # 2 points x 2 seeds
+        assert "model.towers" in search.suggest(f"t{i}")
+        search.on_trial_complete(f"t{i}", {"val_acc": 0.5 + 0.1 * i, "latency_ms": 3.0 + 2 * i})
+    study = search.searcher._ot_study
+    assert study.directions == [optuna.study.StudyDirection.MAXIMIZE,
+                                optuna.study.StudyDirection.MINIMIZE]  # fmt: skip
+    first, second = study.trials
+    assert first.values == pytest.approx([0.55, 4.0]) and second.values == pytest.approx(
+        [0.75, 8.0]
+    )
+    assert first.constraints == pytest.approx({"latency_ms": -1.0})  # 4 ms: 1 under the bound
+    assert second.constraints == pytest.approx({"latency_ms": 3.0})  # 8 ms: 3 over it
+    from optuna.study._constrained_optimization import _get_feasible_trials
+
+    assert _get_feasible_trials(study.trials) == [first]  # what the sampler steers by
+
+
+def test_a_point_no_seed_finished_is_failed_not_told_nan():
+    space = _space()
+    search = tuner.searcher(space, seeds=(0, 1))
+    assert search.set_search_properties("val_acc", "max", tuner.param_space(space, (0, 1)))
+    for i in range(2):
+        search.suggest(f"t{i}")
+        search.on_trial_complete(f"t{i}", None, error=True)
+    (trial,) = search.searcher._ot_study.trials
+    assert trial.state == optuna.trial.TrialState.FAIL
+
+
+def test_objectives_and_bounds_are_checked(project):
+    base = config.load_experiment("digits_continuum", ["space=per_flow"])
+    assert base.space.objectives == {} and not base.space.measures_latency
+    with pytest.raises(ValueError, match=r"objectives: needs a searcher that samples"):
+        config.load_experiment("digits_continuum", ["space.objectives={latency_ms: min}"])
+    with pytest.raises(ValueError, match=r"objectives.latency_ms: 'fastest' is not allowed; "
+                                         r"allowed: max, min"):  # fmt: skip
+        config.load_experiment(
+            "digits_continuum", ["space=per_flow", "space.objectives={latency_ms: fastest}"]
+        )
+    with pytest.raises(ValueError, match=r"constraints.lat: 'lat' is not a metric trials report"):
+        config.load_experiment("digits_continuum", ["space=per_flow", "space.constraints={lat: 5}"])
+
+
+@pytest.mark.slow
+def test_a_latency_aware_sweep_repeats_points_over_seeds_and_flags_its_front(tmp_path):
+    cfg = _digits(
+        "space=per_flow",
+        "space.num_samples=2",
+        "seeds=[0, 1]",
+        "train.max_steps=2",
+        "space.objectives={latency_ms: min}",
+        "space.constraints={latency_ms: 1e6}",
+    )
+    outcome = run_sweep(cfg, storage=tmp_path)
+    table = results.load(outcome.results_path)
+    assert outcome.statuses == {"finished": 4}
+    points = table.groupby("point")["seed"].apply(sorted)
+    assert len(points) == 2 and all(seeds == [0, 1] for seeds in points)
+    assert all("[entry=" in label for label in table["towers"])
+    # both objectives in the results; a point's seeds read the same layer times
+    assert table["latency_ms"].notna().all() and table["final_val_acc"].notna().all()
+    assert (table.groupby("point")["latency_ms"].nunique() == 1).all()
+    saved = json.loads((outcome.sweep_dir / TABLE).read_text())["seconds"]
+    assert all(key.startswith("cpu|float32|nchw|train|128x") for key in saved)
+    assert not (outcome.sweep_dir / IMPL_CHOICES).exists()
+    summary = analysis.summarize(table)
+    assert summary["pareto_latency"].any() and "pareto_flops" in summary
+    figures = write_report(outcome.sweep_dir, tables=outcome.tables).figures
+    assert outcome.sweep_dir / "plots" / "pareto_latency.png" in figures
