@@ -1,9 +1,12 @@
 """Rerun the sweeps whose output the docs show and ship what they wrote: the default demo
 (`make run`'s sweep) as examples/digits_continuum/ (its printed output, `towerspace status` after
-it, trial records, tables and figures; the analysis notebook is re-executed on it), and the
-outputs of the ResNet-18 sweep and of a sweep started from depthwise weights in examples/outputs/.
-About 16 minutes on 2 CPUs. `make docs-examples` runs this, then `make docs`, which copies the
-outputs into the README and the docs (docs/gen_reference.py)."""
+it, trial records, tables and figures; the analysis notebook is re-executed on it), and in
+examples/outputs/ the outputs of the ResNet-18 sweep, of a sweep started from depthwise weights,
+of the latency-aware per-flow search (with its accuracy/latency figure) and of the residual
+ablation's smoke run. About 25 minutes on 2 CPUs; `python docs/gen_examples.py latency` reruns
+one part (parts: demo, resnet, init_from, latency, residual). `make docs-examples` runs all,
+then `make docs`, which copies the outputs into the README and the docs
+(docs/gen_reference.py)."""
 
 from __future__ import annotations
 
@@ -63,6 +66,50 @@ def run_init_from(work: Path) -> str:
     return f"{shown(args)}\n{towerspace(work, *args)}"
 
 
+LATENCY = ["sweep", "experiments/digits_continuum.yaml", "--set", "space=per_flow_latency",
+           "--set", "seeds=[0]", "--set", "train.epochs=8", "--yes"]  # fmt: skip
+
+
+def run_latency(work: Path) -> None:
+    """The per-flow space searched for accuracy and measured step time on this machine: its
+    output, and its accuracy/latency figure."""
+    printed = towerspace(work, *LATENCY)
+    (OUTPUTS / "per_flow_latency.txt").write_text(f"{shown(LATENCY)}\n{printed}")
+    figure = work / "runs" / "digits_continuum" / "plots" / "pareto_latency.png"
+    shutil.copy2(figure, OUTPUTS / "per_flow_latency.png")
+
+
+def run_residual(work: Path) -> None:
+    """The residual ablation's smoke run: with and without shortcuts, at both ends."""
+    args = ["sweep", "experiments/cifar10_residual.yaml", "--smoke"]
+    (OUTPUTS / "residual_smoke.txt").write_text(f"{shown(args)}\n{towerspace(work, *args)}")
+
+
+def run_demo_parts(work: Path) -> None:
+    """The demo, shipped, with `towerspace status` after it; the notebook re-run on it."""
+    output = run_demo(work)
+    status = towerspace(work, "status", "runs/digits_continuum")
+    ship(work / "runs" / "digits_continuum", output)
+    (EXAMPLE / "status.txt").write_text(f"$ towerspace status runs/digits_continuum\n{status}")
+    run_notebook()
+
+
+def run_resnet(work: Path) -> None:
+    """The ResNet-18 sweep's output."""
+    resnet = ["sweep", "experiments/digits_resnet18.yaml", "--yes"]
+    printed = towerspace(work, *resnet)
+    (OUTPUTS / "digits_resnet18.txt").write_text(f"{shown(resnet)}\n{printed}")
+
+
+PARTS = {
+    "demo": run_demo_parts,
+    "resnet": run_resnet,
+    "init_from": lambda work: (OUTPUTS / "init_from.txt").write_text(run_init_from(work)),
+    "latency": run_latency,
+    "residual": run_residual,
+}
+
+
 def ship(sweep_dir: Path, output: str) -> None:
     """Replace examples/digits_continuum/ with the new run's records, tables, figures, output."""
     for name in (*SHIPPED, "plots"):
@@ -92,21 +139,16 @@ def run_notebook(name: str = "continuum_analysis.ipynb") -> None:
     nbformat.write(nb, path)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parts = (argv if argv is not None else sys.argv[1:]) or list(PARTS)
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown:
+        raise SystemExit(f"unknown parts: {', '.join(unknown)} (parts: {', '.join(PARTS)})")
     OUTPUTS.mkdir(exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        output = run_demo(work)
-        status = towerspace(work, "status", "runs/digits_continuum")
-        ship(work / "runs" / "digits_continuum", output)
-        (EXAMPLE / "status.txt").write_text(f"$ towerspace status runs/digits_continuum\n{status}")
-        resnet = ["sweep", "experiments/digits_resnet18.yaml", "--yes"]
-        printed = towerspace(work, *resnet)
-        (OUTPUTS / "digits_resnet18.txt").write_text(f"{shown(resnet)}\n{printed}")
-        (work / "init").mkdir()
-        (OUTPUTS / "init_from.txt").write_text(run_init_from(work / "init"))
-    run_notebook()
-    print(f"wrote {EXAMPLE.relative_to(ROOT)}/ and re-ran notebooks/continuum_analysis.ipynb")
+    for part in parts:
+        with tempfile.TemporaryDirectory() as tmp:  # each part in a fresh folder
+            PARTS[part](Path(tmp))
+        print(f"ran {part}")
     return 0
 
 

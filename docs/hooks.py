@@ -8,11 +8,12 @@ from pathlib import Path
 from mkdocs.structure.files import File, Files
 
 ROOT = Path(__file__).resolve().parent.parent
-FIGURES = "examples/digits_continuum/plots"
+FIGURES = ("examples/digits_continuum/plots", "examples/outputs")
 
 
 def on_files(files: Files, config) -> Files:
     """Add every example figure at its repository path, e.g. examples/.../continuum.png."""
-    for path in sorted((ROOT / FIGURES).glob("*.png")):
-        files.append(File.generated(config, f"{FIGURES}/{path.name}", abs_src_path=str(path)))
+    for folder in FIGURES:
+        for path in sorted((ROOT / folder).glob("*.png")):
+            files.append(File.generated(config, f"{folder}/{path.name}", abs_src_path=str(path)))
     return files

@@ -28,6 +28,7 @@ def test_generated_pages_are_what_the_code_gives_now():
         "docs/reference/fields.md", "docs/reference/cli.md", "docs/reference/example-outputs.md",
         "docs/results.md",
     }  # fmt: skip
+    assert "$ towerspace plan examples/digits_continuum" in generated[REPO / "docs/results.md"]
     assert gen.stale(generated) == [], "out of date: run make docs and commit the pages it writes"
 
 
@@ -37,7 +38,8 @@ def test_command_outputs_in_the_docs_are_what_the_commands_print_now():
     generated = gen.output_pages()
     blocks = sum(text.count("<!-- output: ") for text in generated.values())
     assert blocks == 6  # models, two estimates, two errors, an export
-    assert sum(text.count("<!-- file: ") for text in generated.values()) == 3  # recorded runs
+    # recorded runs: ResNet-18, init_from, the residual smoke run, the per-flow latency search
+    assert sum(text.count("<!-- file: ") for text in generated.values()) == 5
     assert "$ towerspace models --match params" in generated[REPO / "docs/continuum.md"]
     assert gen.stale(generated) == [], "out of date: run make docs and commit the pages it writes"
 

@@ -321,6 +321,8 @@ def _print_loader_speed(cfg, device: str) -> None:
 
 
 def _report(sweep_dir: Path, out: Path | None = None, tables: results.Tables | None = None) -> None:
+    import pandas as pd
+
     from towerspace.report import write_report
 
     report = write_report(sweep_dir, out=out, tables=tables)
@@ -328,7 +330,13 @@ def _report(sweep_dir: Path, out: Path | None = None, tables: results.Tables | N
         print(f"towerspace: warning: {note}", file=sys.stderr)
     if not report.summary.empty:
         columns = ["towers", "n", "mean", "std", "asin_ci_low", "asin_ci_high", "params", "flops",
-                   "images_per_s", "failed"]  # fmt: skip
+                   "images_per_s", "latency_ms", "pareto_latency", "failed"]  # fmt: skip
+        if report.summary.get("latency_ms", pd.Series(dtype=float)).isna().all():
+            columns = [c for c in columns if c not in ("latency_ms", "pareto_latency")]
+        from towerspace.analysis import GROUPS
+
+        varied = [g for g in GROUPS if g in report.summary and report.summary[g].nunique() > 1]
+        columns[1:1] = varied  # the curves' own keys (residual, order, ...) beside the point
         rows = report.summary[[c for c in columns if c in report.summary]].round(4)
         interval = report.summary.attrs["interval"]
         _print_table(rows, f"final validation accuracy over seeds ({interval}), by towers:")

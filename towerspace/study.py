@@ -56,26 +56,39 @@ def _points(records: Sequence[Mapping[str, Any]]) -> dict[tuple[str, int], list[
 
 
 def _value(record: Mapping[str, Any], metric: str) -> float | None:
+    """A finished trial's last reported metric (an epoch's, or a fixed cost: latency_ms)."""
     history = record.get("history") or []
     if record.get("status") != Status.FINISHED or not history:
         return None
-    value = history[-1].get(metric)
+    value = history[-1].get(metric, record.get(metric))
     return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
 
 
+def _mean(group: list[Mapping[str, Any]], metric: str) -> float | None:
+    done = [v for v in (_value(r, metric) for r in group) if v is not None]
+    return sum(done) / len(done) if done else None
+
+
 def _trial(point: Mapping[str, Any], group: list[Mapping[str, Any]], space: SpaceConfig):
-    """One Optuna trial for one point: its value is the mean of its seeds' final metric (what
-    Tune's Repeater tells Optuna); a point with no finished seed is a failed trial."""
+    """One Optuna trial for one point: its values are the means of its seeds' final metrics
+    (what the sweep's searcher was told), with the space's bounds as Optuna constraints; a point
+    with no finished seed is a failed trial."""
     import optuna
+    from optuna.study._constrained_optimization import _CONSTRAINTS_KEY
 
     values = {r["seed"]: _value(r, space.metric) for r in group}
-    done = [v for v in values.values() if v is not None]
+    means = [_mean(group, name) for name in (space.metric, *space.objectives)]
+    done = None not in means
+    excess = {name: _mean(group, name) for name in space.constraints}
+    bounds = {f"{_CONSTRAINTS_KEY}:{name}": (1.0 if v is None else v - space.constraints[name])
+              for name, v in excess.items()}  # fmt: skip
     names = [name for name in space.params if name in point]
     return optuna.trial.create_trial(
         params={name: category(point[name]) for name in names},
         distributions={name: distribution(space.params[name]) for name in names},
-        value=sum(done) / len(done) if done else None,
+        values=means if done else None,
         state=optuna.trial.TrialState.COMPLETE if done else optuna.trial.TrialState.FAIL,
+        system_attrs=bounds,
         user_attrs={
             "towers": group[0].get("towers"),
             "seeds": sorted(values),
@@ -83,6 +96,7 @@ def _trial(point: Mapping[str, Any], group: list[Mapping[str, Any]], space: Spac
             "trial_ids": [r["trial_id"] for r in group],
             "params": group[0].get("params"),
             "flops": group[0].get("flops"),
+            "latency_ms": group[0].get("latency_ms"),
         },
     )
 
@@ -99,14 +113,16 @@ def write_study(
 
     def write(tmp: Path) -> None:
         storage = JournalStorage(JournalFileBackend(str(tmp)))
-        direction = "maximize" if space.mode == "max" else "minimize"
+        modes = (space.mode, *space.objectives.values())
+        directions = ["maximize" if mode == "max" else "minimize" for mode in modes]
         verbosity = optuna.logging.get_verbosity()
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "A new study created" line
         try:
             with warnings.catch_warnings():  # set_metric_names is marked experimental
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                study = optuna.create_study(study_name=name, storage=storage, direction=direction)
-                study.set_metric_names([space.metric])
+                study = optuna.create_study(study_name=name, storage=storage,
+                                            directions=directions)  # fmt: skip
+                study.set_metric_names([space.metric, *space.objectives])
             study.add_trials(trials)
         finally:
             optuna.logging.set_verbosity(verbosity)
