@@ -35,7 +35,7 @@ docs: $(STAMP)  # the reference pages generated from the code, then the site in 
 	$(BIN)/python docs/gen_reference.py
 	$(BIN)/mkdocs build --strict
 
-docs-examples: $(STAMP)  # rerun the demo into examples/digits_continuum/ (about 8 min), then docs
+docs-examples: $(STAMP)  # rerun the demo and the other recorded runs (about 25 min), then docs
 	$(BIN)/python docs/gen_examples.py
 	$(MAKE) docs
 

@@ -301,7 +301,7 @@ def schema_blocks(text: str) -> str:
 
     for name, schema in (("results", results.RESULTS_SCHEMA), ("history", results.HISTORY_SCHEMA)):
         start, end = f"<!-- {name} schema -->", f"<!-- end {name} schema -->"
-        pattern = re.compile(rf"({start}\n)(?:.*?\n)?({end})", re.S)
+        pattern = re.compile(rf"({start}\n)(?:.*?)({end})", re.S)
         if not pattern.search(text):
             raise SystemExit(f"docs/results.md: no '<!-- {name} schema -->' block")
         table = results.schema_markdown(schema)
@@ -339,7 +339,7 @@ def demo_blocks(text: str, where: str) -> str:
     for name, excerpt in (("summary", demo_summary), ("output", demo_excerpt)):
         start, end = f"<!-- demo {name} -->", f"<!-- end demo {name} -->"
         block = "\n".join(["```", *excerpt(lines), "```"])
-        pattern = re.compile(rf"({start}\n)(?:.*?\n)?({end})", re.S)
+        pattern = re.compile(rf"({start}\n)(?:.*?)({end})", re.S)
         text = pattern.sub(lambda m, b=block: f"{m.group(1)}{b}\n{m.group(2)}", text)
     if "<!-- demo " not in text:
         raise SystemExit(f"{where}: no '<!-- demo summary -->' or '<!-- demo output -->' block")
@@ -371,7 +371,7 @@ def command_output(args: str) -> str:
 def output_blocks(text: str) -> str:
     """A page with each block between <!-- output: ARGS --> and <!-- end output --> written as
     `$ towerspace ARGS` and what that printed now."""
-    pattern = re.compile(r"(<!-- output: (.*?) -->\n)(?:.*?\n)?(<!-- end output -->)", re.S)
+    pattern = re.compile(r"(<!-- output: (.*?) -->\n)(?:.*?)(<!-- end output -->)", re.S)
 
     def block(m: re.Match) -> str:
         shown = "\n".join(["```", f"$ towerspace {m.group(2)}", command_output(m.group(2)), "```"])
@@ -395,7 +395,7 @@ def recorded(path: str, part: str) -> list[str]:
 def file_blocks(text: str) -> str:
     """A page with each block between <!-- file: PATH PART --> and <!-- end file --> written
     from the recorded output in PATH."""
-    pattern = re.compile(r"(<!-- file: (\S+) (\w+) -->\n)(?:.*?\n)?(<!-- end file -->)", re.S)
+    pattern = re.compile(r"(<!-- file: (\S+) (\w+) -->\n)(?:.*?)(<!-- end file -->)", re.S)
 
     def block(m: re.Match) -> str:
         shown = "\n".join(["```", *recorded(m.group(2), m.group(3)), "```"])

@@ -38,8 +38,9 @@ def test_command_outputs_in_the_docs_are_what_the_commands_print_now():
     generated = gen.output_pages()
     blocks = sum(text.count("<!-- output: ") for text in generated.values())
     assert blocks == 6  # models, two estimates, two errors, an export
-    # recorded runs: ResNet-18, init_from, the residual smoke run, the per-flow latency search
-    assert sum(text.count("<!-- file: ") for text in generated.values()) == 5
+    # recorded runs: ResNet-18, init_from, the demo's status, the residual smoke run, the
+    # per-flow latency search, the recipe's curves
+    assert sum(text.count("<!-- file: ") for text in generated.values()) == 6
     assert "$ towerspace models --match params" in generated[REPO / "docs/continuum.md"]
     assert gen.stale(generated) == [], "out of date: run make docs and commit the pages it writes"
 

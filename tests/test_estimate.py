@@ -79,7 +79,7 @@ def test_figures_match_an_independent_count_at_both_ends(tmp_path, capsys):
 def test_max_steps_caps_the_images_per_epoch(tmp_path):
     out = tmp_path / "e.csv"
     assert main(["estimate", DIGITS, *_sets("train.max_steps=5"), "--out", str(out)]) == 0
-    assert (pd.read_csv(out)["images_per_trial"] == 5 * 128 * 3).all()
+    assert (pd.read_csv(out)["images_per_trial"] == 5 * 32 * 3).all()  # the demo's batch: 32
     assert estimate.images_per_epoch(1438, 128, 20) == 1438  # 20 steps cover the split
 
 
@@ -184,7 +184,7 @@ def test_the_default_demo_does_not_ask(capsys):
     cfg = config.load_experiment(DIGITS)
     _confirm_cost(cfg, None, 24.0, yes=False, stdin=io.StringIO())  # no terminal: would refuse
     assert capsys.readouterr().out == (
-        "digits_continuum: estimate: 14 trials, 0.006355 training PFLOPs, at least 0.01765 "
+        "digits_continuum: estimate: 14 trials, 0.004237 training PFLOPs, at least 0.01177 "
         "CPU-hours (at an optimistic 0.1 TFLOP/s per CPU)\n"
     )
 

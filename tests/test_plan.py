@@ -101,3 +101,12 @@ def test_plan_command_on_a_real_sweep(tiny_sweep, capsys):
     out = capsys.readouterr().out
     assert "to resolve a difference of 0.05 in final_val_acc against depthwise" in out
     assert "pooled" in out and "CPU-hours of training for 3 points" in out
+
+
+def test_a_pilot_of_one_seed_is_refused_in_one_line():
+    from towerspace import plan
+
+    one = _results({"1": 0.01}).query("seed == 0")
+    with pytest.raises(ValueError, match=r"needs at least 2 finished seeds of a point and its "
+                                         r"reference; this sweep has 1: run a pilot"):  # fmt: skip
+        plan.plan(one, 0.01)
