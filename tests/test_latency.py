@@ -2,6 +2,7 @@
 with bounds as constraints, and a sweep whose results carry both objectives and a front."""
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import optuna
@@ -10,7 +11,8 @@ import torch
 
 from towerspace import analysis, config, results
 from towerspace.latency import TABLE, LatencyTable, model_latency, units
-from towerspace.models import xception
+from towerspace.models import build_model, complexity, xception
+from towerspace.models.build import ModelConfig, at_width
 from towerspace.report import write_report
 from towerspace.spaces import Domain, SpaceConfig
 from towerspace.study import load_study
@@ -145,3 +147,58 @@ def test_a_latency_aware_sweep_repeats_points_over_seeds_and_flags_its_front(tmp
     assert all(len(t.values) == 2 and t.constraints["latency_ms"] < 0 for t in study.trials)
     figures = write_report(outcome.sweep_dir, tables=outcome.tables).figures
     assert outcome.sweep_dir / "plots" / "pareto_latency.png" in figures
+
+
+def _flops_ms(model: torch.nn.Module) -> float:
+    """A deterministic stand-in for a measured step time: forward MFLOPs at 16 px."""
+    return complexity(model, 16, 1).flops / 1e6
+
+
+MATCHED = {"width": 0.125, "middle_blocks": 1, "match": "latency"}
+SIZES = {"in_chans": 1, "num_classes": 10, "image_size": 16}
+
+
+def test_a_latency_match_solves_the_width_whose_measured_time_is_the_references():
+    cfg = ModelConfig(towers=1, **MATCHED)
+    torch.manual_seed(0)
+    model = build_model(cfg, measure=_flops_ms, **SIZES)
+    budget = model.budget
+    reference = build_model(at_width(replace(cfg, towers="depthwise"), cfg.width), **SIZES)
+    assert budget["match"] == "latency"
+    assert budget["budget_target"] == round(_flops_ms(reference) * 1e3)  # µs
+    assert abs(budget["budget_error"]) < 0.02 and budget["solved_width"] < cfg.width
+    torch.manual_seed(0)  # timing draws nothing: the weights are a plain build's at that width
+    plain = build_model(at_width(cfg, budget["solved_width"]), **SIZES)
+    pairs = zip(model.state_dict().values(), plain.state_dict().values(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
+    same = build_model(replace(cfg, towers="depthwise"), measure=_flops_ms, **SIZES).budget
+    assert same["solved_width"] == cfg.width and same["budget_error"] == 0.0
+    # the meta device of the preflight and the estimate has nothing to time: the FLOPs match
+    assert build_model(cfg, **SIZES).budget["match"] == "flops"
+
+
+def test_a_latency_matched_trial_records_its_time_and_rebuilds_its_width_on_a_retry(tmp_path):
+    from towerspace.trial import Trial
+
+    cfg = _digits("model.match=latency", "model.towers=2", "train.max_steps=1")
+    record_path = tmp_path / "records" / "t.json"
+    record_path.parent.mkdir()
+    trial = Trial(cfg, seed=0, trial_id="t_00000", point={}, record_path=record_path)
+    budget, record = trial.model.budget, trial.record
+    assert record["match"] == "latency" and record["width"] == budget["solved_width"]
+    assert record["latency_ms"] == pytest.approx(budget["budget_achieved"] / 1e3, rel=0.01)
+    assert (tmp_path / TABLE).exists()
+    trial._write()
+    (tmp_path / TABLE).unlink()  # new layer times could solve another width: the record's wins
+    retry = Trial(cfg, seed=0, trial_id="t_00000", point={}, record_path=record_path)
+    shapes = [p.shape for p in trial.model.parameters()]
+    assert [p.shape for p in retry.model.parameters()] == shapes
+    kept = ("width", "budget_error", "latency_ms", "params", "flops")
+    assert {k: retry.record[k] for k in kept} == {k: record[k] for k in kept}
+    assert not (tmp_path / TABLE).exists()  # nothing was timed again
+
+
+def test_a_latency_match_is_refused_across_data_parallel_workers(project):
+    with pytest.raises(ValueError, match=r"model.match: 'latency' needs resources.workers 1, "
+                                         r"got 2 \(each worker"):  # fmt: skip
+        config.load_experiment("digits_continuum", ["model.match=latency", "resources.workers=2"])

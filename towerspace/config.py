@@ -270,6 +270,14 @@ def _check_model(where: str, name: str, builder: str | None, match: str, width: 
                                        f"(allowed: 1)")  # fmt: skip
 
 
+def _check_latency_match(where: str, match: str, workers: int) -> None:
+    """A latency match is solved in its trial: one process, or workers would solve apart."""
+    if match == "latency" and workers > 1:
+        fail(where, "model.match", f"'latency' needs resources.workers 1, got {workers} (each "
+                                   f"worker would time and solve its own width; allowed: none, "
+                                   f"params, flops)")  # fmt: skip
+
+
 # What field metadata cannot say, in the order a whole experiment is checked. Each check is
 # given the fields it reads as its arguments, so this list names them all; setting a field runs
 # the checks that read it.
@@ -280,6 +288,7 @@ CHECKS: tuple[tuple[Callable[..., None], tuple[str, ...]], ...] = (
     (_check_workers, ("resources.workers", "resources.gpus", "train.batch_size")),
     (_check_towers, ("model.towers", "model.reference", "model.overrides")),
     (_check_model, ("model.name", "model.builder", "model.match", "model.width")),
+    (_check_latency_match, ("model.match", "resources.workers")),
 )
 
 

@@ -202,7 +202,7 @@ def trial_model(sweep_dir: Path, trial_id: str) -> tuple[nn.Module, tuple[int, .
     one input image, and which checkpoint it was."""
     from towerspace import results, storage
     from towerspace.config import apply, from_dict
-    from towerspace.trial import newest_checkpoint_file
+    from towerspace.trial import newest_checkpoint_file, solved_config
 
     sweep_dir = Path(sweep_dir)
     if not (sweep_dir / storage.EXPERIMENT_FILE).is_file():
@@ -230,6 +230,7 @@ def trial_model(sweep_dir: Path, trial_id: str) -> tuple[nn.Module, tuple[int, .
         )
     cfg = from_dict(record["config"] or {})
     cfg = apply(cfg, {"model.init_from": None})  # the checkpoint holds every weight
+    cfg = solved_config(cfg, record)  # match latency: the width the trial solved
     model, shape = experiment_model(cfg)
     state = torch.load(checkpoint, weights_only=True, map_location="cpu")
     model.load_state_dict(state["model"])

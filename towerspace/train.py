@@ -81,6 +81,16 @@ def choose_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def uses_channels_last(cfg: TrainConfig, device: torch.device) -> bool:
+    """Whether training runs in channels_last: on, or auto on a GPU."""
+    return cfg.channels_last == "on" or (cfg.channels_last == "auto" and device.type == "cuda")
+
+
+def uses_bf16(cfg: TrainConfig, device: torch.device) -> bool:
+    """Whether training runs under bf16 autocast: bf16 (a CPU too), or auto on a GPU."""
+    return cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda")
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (CPU and CUDA)."""
     random.seed(seed)
@@ -142,8 +152,8 @@ class Trainer:
         self.part = (rank, world_size)  # this worker's part of every batch
         self.device = choose_device(cfg.device)
         cuda = self.device.type == "cuda"
-        self.channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and cuda)
-        self.amp = cfg.amp == "bf16" or (cfg.amp == "auto" and cuda)  # bf16 on a CPU too
+        self.channels_last = uses_channels_last(cfg, self.device)
+        self.amp = uses_bf16(cfg, self.device)
         if cuda:
             torch.backends.cudnn.benchmark = not cfg.deterministic
         if cfg.deterministic:

@@ -6,11 +6,13 @@ import math
 import re
 import subprocess
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 import towerspace
 from towerspace import data as datasets
@@ -18,10 +20,18 @@ from towerspace.config import ExperimentConfig, apply, to_dict
 from towerspace.files import write_json
 from towerspace.latency import TABLE, LatencyTable, model_latency
 from towerspace.models import build_model, complexity
+from towerspace.models.build import at_width
 from towerspace.results import read_record
 from towerspace.status import Status
 from towerspace.towers import realized_towers, tower_label
-from towerspace.train import Diverged, Trainer, choose_device, seed_everything
+from towerspace.train import (
+    Diverged,
+    Trainer,
+    choose_device,
+    seed_everything,
+    uses_bf16,
+    uses_channels_last,
+)
 
 CHECKPOINT = "trainer.pt"
 TRAIN_RUNS = "train"  # a sweep's folder for the Ray Train runs of its data-parallel trials
@@ -134,6 +144,48 @@ def _mean(values) -> float | None:
     return sum(present) / len(present) if present else None
 
 
+def latency_probe(
+    cfg: ExperimentConfig, data: datasets.DataBundle, table: Path
+) -> Callable[[nn.Module], float]:
+    """A model's measured step time (ms) on this trial's device, batch, layout and autocast,
+    from the sweep's table of layer times (timing the layers it lacks)."""
+    device = choose_device(cfg.train.device)
+    layout = torch.channels_last if uses_channels_last(cfg.train, device) else torch.preserve_format
+    batch = cfg.latency.batch or max(1, cfg.train.batch_size // cfg.resources.workers)
+    shape = (batch, data.in_chans, data.image_size, data.image_size)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)
+    x = x.contiguous(memory_format=layout)
+    layers = LatencyTable(table)
+
+    def measure(model: nn.Module) -> float:
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16,
+                                  enabled=uses_bf16(cfg.train, device))  # fmt: skip
+        model = model.to(device, memory_format=layout)
+        return model_latency(model, x, mode=cfg.latency.mode, table=layers, autocast=autocast).ms
+
+    return measure
+
+
+def _earlier_record(cfg: ExperimentConfig, record_path: Path) -> dict[str, Any]:
+    """The record a latency-matched trial already wrote (a retry, a resume), else {}: it
+    rebuilds at that record's width (its checkpoint's shapes), whatever the layer times say now."""
+    if cfg.model.match != "latency":
+        return {}
+    try:
+        return read_record(record_path)
+    except (OSError, ValueError):
+        return {}
+
+
+def solved_config(cfg: ExperimentConfig, record: Mapping[str, Any]) -> ExperimentConfig:
+    """cfg as the plain config of the model a latency-matched trial built (from its record's
+    width); any other config as it is."""
+    width = record.get("width")
+    if cfg.model.match != "latency" or record.get("match") != "latency" or width is None:
+        return cfg
+    return replace(cfg, model=at_width(cfg.model, float(width)))
+
+
 class Trial:
     """Builds a trial's data, model and trainer, trains it, and keeps its record current."""
 
@@ -154,29 +206,27 @@ class Trial:
         seed_everything(seed)
         device = choose_device(cfg.train.device)
         self.data = datasets.load(cfg.data, device, datasets.loader_workers(cfg.resources.cpus))
+        probe = latency_probe(cfg, self.data, record_path.parent.parent / TABLE)
+        earlier = _earlier_record(cfg, record_path)
+        solved = solved_config(cfg, earlier)
         self.model = build_model(
-            cfg.model,
+            solved.model,
             in_chans=self.data.in_chans,
             num_classes=self.data.num_classes,
             image_size=self.data.image_size,
+            measure=probe,
         )
+        if solved is not cfg:  # the budget as it was solved, not as a plain model of that width
+            self.model.budget = {"match": "latency", "solved_width": earlier["width"],
+                                 "budget_error": earlier.get("budget_error")}  # fmt: skip
         self.trainer = Trainer(self.model, self.data, cfg.train, seed=seed, rank=rank,
                                world_size=world_size)  # fmt: skip
         self.record_path = record_path
         self.record = self._initial_record(cfg, seed, trial_id, point, origin or provenance())
-        if rank == 0 and (cfg.latency.measure or cfg.space.measures_latency):
-            self.record["latency_ms"] = self._latency(cfg, record_path.parent.parent / TABLE)
-
-    def _latency(self, cfg: ExperimentConfig, table: Path) -> float:
-        """The model's measured step time on this trial's device, batch, layout and autocast,
-        from the sweep's table of layer times (timing the layers it lacks)."""
-        trainer, data = self.trainer, self.data
-        batch = cfg.latency.batch or max(1, cfg.train.batch_size // cfg.resources.workers)
-        shape = (batch, data.in_chans, data.image_size, data.image_size)
-        x = trainer._inputs(torch.randn(shape, generator=torch.Generator().manual_seed(0)))
-        measured = model_latency(trainer.model, x, mode=cfg.latency.mode, table=LatencyTable(table),
-                                 autocast=trainer._autocast())  # fmt: skip
-        return round(measured.ms, 4)
+        measures = cfg.latency.measure or cfg.space.measures_latency or cfg.model.match == "latency"
+        if rank == 0 and measures:
+            measured = earlier.get("latency_ms") or probe(self.trainer.model)
+            self.record["latency_ms"] = round(measured, 4)
 
     def _initial_record(self, cfg, seed, trial_id, point, origin) -> dict[str, Any]:
         realized = realized_towers(self.model)

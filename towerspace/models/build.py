@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+import torch
 from torch import nn
 
 from towerspace.block import IMPL_NAMES
-from towerspace.budget import schedule_divisor
-from towerspace.choices import MATCHES, MIDS, ORDERS, POOL_PADDINGS, STEMS
+from towerspace.budget import Match, bisect_width, schedule_divisor
+from towerspace.choices import BUDGETS, MIDS, ORDERS, POOL_PADDINGS, STEMS
 from towerspace.errors import ConfigError
 from towerspace.models.builders import TORCHVISION, custom_builder, torchvision_builder
 from towerspace.models.pretrained import load_pretrained
@@ -47,7 +48,7 @@ def _torchvision(
     """A torchvision network, towerized; ResNet's stem shrinks for small images."""
     schedule = _schedule(cfg)
     # matching rounds to the tower counts asked for, so they are realized and steps are fine
-    divisor = schedule_divisor(schedule) if cfg.match != "none" else 8
+    divisor = cfg.channel_divisor or (schedule_divisor(schedule) if cfg.match != "none" else 8)
     builder = torchvision_builder(cfg.name, in_chans=in_chans, num_classes=num_classes,
                                   small_stem=stem == "small", round_nearest=divisor)  # fmt: skip
     return _towerized(cfg, builder, schedule, image_size=image_size, in_chans=in_chans)
@@ -107,7 +108,8 @@ class ModelConfig:
     overrides: dict[str, Any] = field(default_factory=dict)  # site prefix (e.g. middle) → spec
     snap: str = field(default="nearest", metadata={"choices": SNAPS})  # or strict: raise
     layer_seed: int | None = None  # set: every site draws its own position (population sampling)
-    match: str = field(default="none", metadata={"choices": MATCHES})  # budget to match
+    # budget to match; latency: the measured step time, solved in each trial on its device
+    match: str = field(default="none", metadata={"choices": BUDGETS})
     reference: Any = "depthwise"  # tower spec whose cost a matched model matches
     dropout: float = field(default=0.0, metadata={"min": 0.0, "max": 0.95})  # before classifier
     channel_divisor: int | None = field(default=None, metadata={"min": 1})  # None: see xception()
@@ -119,8 +121,20 @@ class ModelConfig:
     pool_padding: str = field(default="torch", metadata={"choices": POOL_PADDINGS})
 
 
-def build_model(cfg: ModelConfig, *, in_chans: int, num_classes: int, image_size: int) -> nn.Module:
-    """The model a config describes, sized for a data set's channels, classes and images."""
+def build_model(
+    cfg: ModelConfig,
+    *,
+    in_chans: int,
+    num_classes: int,
+    image_size: int,
+    measure: Callable[[nn.Module], float] | None = None,
+) -> nn.Module:
+    """The model a config describes, sized for a data set's channels, classes and images.
+
+    match 'latency' solves the width with measure (a model's step time in ms on the target
+    device, towerspace.trial.latency_probe); without one (the meta device of the preflight and
+    the estimate, where nothing runs) the model is sized as its FLOPs match, a stand-in.
+    """
     stem = cfg.stem if cfg.stem != "auto" else ("small" if image_size <= 64 else "imagenet")
     if cfg.init_from is not None and cfg.match != "none":
         raise ConfigError(f"init_from needs match 'none' (budget matching changes widths), "
@@ -131,5 +145,46 @@ def build_model(cfg: ModelConfig, *, in_chans: int, num_classes: int, image_size
         if getattr(cfg, name) != default and cfg.name != "xception":
             raise ConfigError(f"{name} {getattr(cfg, name)!r} needs name 'xception' (other "
                               f"models keep their own wiring), got name {cfg.name!r}")  # fmt: skip
-    return BUILDERS[cfg.name](cfg, in_chans=in_chans, num_classes=num_classes,
-                              image_size=image_size, stem=stem)  # fmt: skip
+    sizes = {"in_chans": in_chans, "num_classes": num_classes, "image_size": image_size,
+             "stem": stem}  # fmt: skip
+    if cfg.match == "latency":
+        return _latency_matched(cfg, measure, sizes)
+    return BUILDERS[cfg.name](cfg, **sizes)
+
+
+def at_width(cfg: ModelConfig, width: float) -> ModelConfig:
+    """A latency-matched config as the plain config of the model it solved (width: its record's
+    width), which rebuilds that model exactly: for checkpoints, restores and exports."""
+    divisor = cfg.channel_divisor or schedule_divisor(_schedule(cfg))
+    return replace(cfg, match="none", width=width, channel_divisor=divisor)
+
+
+def _latency_matched(
+    cfg: ModelConfig, measure: Callable[[nn.Module], float] | None, sizes: dict
+) -> nn.Module:
+    """The model at the width whose measured step time comes closest to the reference's at
+    cfg.width: bisection on log-width around the FLOPs match (measured times move in steps
+    and carry noise, so it stops within 1% of width or 2% of time). The global random streams
+    are left as they were: the final model draws the weights a plain build would."""
+    if measure is None:
+        return BUILDERS[cfg.name](replace(cfg, match="flops"), **sizes)
+    with torch.device("meta"):
+        guess = BUILDERS[cfg.name](replace(cfg, match="flops"), **sizes).budget["solved_width"]
+    plain = replace(cfg, towers=cfg.reference, overrides={}, layer_seed=None, snap="nearest")
+    reference = at_width(plain, cfg.width)
+
+    def time_at(width: float) -> float:
+        return measure(BUILDERS[cfg.name](at_width(cfg, width), **sizes))
+
+    with torch.random.fork_rng():
+        target = measure(BUILDERS[cfg.name](reference, **sizes))
+        if _schedule(reference) == _schedule(cfg):
+            tried = {cfg.width: target}
+        else:
+            _, _, tried = bisect_width(time_at, target, guess / 2, guess * 2, steps=8,
+                                       width_ratio=1.01, cost_error=0.02)  # fmt: skip
+    width = min(tried, key=lambda w: (abs(tried[w] - target), w))
+    model = BUILDERS[cfg.name](at_width(cfg, width), **sizes)
+    microseconds = max(1, round(target * 1e3)), max(1, round(tried[width] * 1e3))
+    model.budget = Match("latency", width, {}, *microseconds).as_dict()
+    return model
