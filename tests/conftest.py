@@ -79,6 +79,22 @@ def records_now():
     return _records_now
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist, each test process and what it starts (drivers, notebook kernels, the
+    device check) computes on its share of the cores: make test runs as many processes as this
+    machine has cores, and thread pools each as wide as the machine spin against each other
+    (measured: the in-process tests took twice the CPU time). Trials on Ray set their own."""
+    import os
+
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        share = max(1, (os.cpu_count() or 1) // workers)
+        os.environ.setdefault("OMP_NUM_THREADS", str(share))
+        torch.set_num_threads(share)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Slow tests first: run in two processes (make test), the long ones start at once and the
     short ones fill the gaps at the end. GPU tests skip, saying why, where no GPU is visible."""
