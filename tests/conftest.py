@@ -1,6 +1,7 @@
 """Shared fixtures: one real local Ray, and one real tiny sweep, for the whole session."""
 
 import contextlib
+import pickle
 import shutil
 import subprocess
 import warnings
@@ -24,15 +25,30 @@ def local_ray():
 
 
 @pytest.fixture(scope="session")
-def tiny_sweep(local_ray, tmp_path_factory):
-    """A real sweep: digits, 3 parameter-matched points x 2 seeds, 1 epoch each."""
+def tiny_sweep(local_ray, tmp_path_factory, worker_id):
+    """A real sweep: digits, 3 parameter-matched points x 2 seeds, 1 epoch each. Run once for
+    the whole run: under pytest-xdist the first process to ask runs it and the others read it
+    (the tests only read it; those that change a sweep copy it first)."""
+    if worker_id == "master":
+        return _tiny_sweep(tmp_path_factory.mktemp("runs"))
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp().parent  # this run's folder, above each process's
+    saved = shared / "tiny_sweep.pickle"
+    with FileLock(str(shared / "tiny_sweep.lock")):
+        if not saved.is_file():
+            saved.write_bytes(pickle.dumps(_tiny_sweep(shared / "tiny_sweep")))
+    return pickle.loads(saved.read_bytes())
+
+
+def _tiny_sweep(storage: Path):
     from towerspace import config
     from towerspace.sweep import run_sweep
 
     sets = ("train.epochs=1", "model.width=0.125", "model.middle_blocks=1", "seeds=[0, 1]",
             "space.params={model.towers: {grid: [1, 4, depthwise]}}")  # fmt: skip
     cfg = config.load_experiment(REPO / "experiments/digits_continuum.yaml", sets)
-    return run_sweep(cfg, storage=tmp_path_factory.mktemp("runs"))
+    return run_sweep(cfg, storage=storage)
 
 
 @contextlib.contextmanager
