@@ -49,6 +49,29 @@ def test_each_distinct_layer_is_timed_once_and_kept(tmp_path):
     assert wider.measured > 0  # new widths, new shapes
 
 
+def test_a_process_timing_layers_holds_the_table_and_others_use_its_times(tmp_path):
+    """Concurrent trials time each layer once: a second one waits for the table's lock, then
+    reads what the first saved instead of timing the same layers under its load."""
+    import threading
+
+    torch.manual_seed(0)
+    model, x = xception(towers=4, **SMALL), torch.randn(4, 1, 16, 16)
+    first = LatencyTable(tmp_path / TABLE)
+    found = {}
+    with first.locked():
+        later = threading.Thread(target=lambda: found.update(
+            latency=model_latency(model, x, table=LatencyTable(tmp_path / TABLE))))  # fmt: skip
+        later.start()
+        later.join(timeout=1.0)
+        assert later.is_alive()  # waiting for the lock, timing nothing
+        own = LatencyTable()  # timed meanwhile, then saved as a trial holding the lock would
+        timed = model_latency(model, x, table=own, min_time=0.001, repeats=1)
+        first.add(own.seconds)
+    later.join(timeout=60)
+    assert found["latency"].measured == 0 and found["latency"].layers == timed.layers
+    assert (tmp_path / f"{TABLE}.lock").exists()
+
+
 def test_timing_leaves_the_model_and_the_random_streams_as_they_were():
     torch.manual_seed(0)
     model = xception(towers=2, **SMALL).train()

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import fcntl
 import functools
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,6 +71,22 @@ class LatencyTable:
         if not isinstance(saved, dict) or saved.get("version") != TABLE_VERSION:
             return {}
         return {k: float(v) for k, v in saved.get("seconds", {}).items()}
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Exclusive use of the file while layers are timed, with the times other processes
+        saved read in first: concurrent trials time each signature once, and all of them use
+        that one time (timed apart, under each other's load, they disagreed by 20% here)."""
+        if self.path is None:
+            yield
+            return
+        with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                self.seconds.update(self._read())
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
     def add(self, seconds: dict[str, float]) -> None:
         """Keep new times, and write the file atomically with what other processes saved."""
@@ -152,8 +169,10 @@ def model_latency(
         seen = _inputs(model, x, mode)
         missing = {sig: (m, t) for m, t, sig in seen.values() if sig not in table.seconds}
         if missing:
-            calls = {sig: _timer(m, t, mode) for sig, (m, t) in missing.items()}
-            times = time_interleaved(calls, x.device, repeats, min_time)
-            table.add({sig: min(seconds) for sig, seconds in times.items()})
+            with table.locked():  # another process may have timed them meanwhile
+                missing = {sig: mt for sig, mt in missing.items() if sig not in table.seconds}
+                calls = {sig: _timer(m, t, mode) for sig, (m, t) in missing.items()}
+                times = time_interleaved(calls, x.device, repeats, min_time) if calls else {}
+                table.add({sig: min(seconds) for sig, seconds in times.items()})
     layers = {name: table.seconds[sig] * 1e3 for name, (_m, _t, sig) in seen.items()}
     return Latency(sum(layers.values()), layers, len(missing))
