@@ -76,7 +76,7 @@ class LatencyTable:
     def locked(self) -> Iterator[None]:
         """Exclusive use of the file while layers are timed, with the times other processes
         saved read in first: concurrent trials time each signature once, and all of them use
-        that one time (timed apart, under each other's load, they disagreed by 20% here)."""
+        that one time (timed apart, under each other's load, they disagreed by 22% here)."""
         if self.path is None:
             yield
             return

@@ -206,7 +206,10 @@ class Trial:
         seed_everything(seed)
         device = choose_device(cfg.train.device)
         self.data = datasets.load(cfg.data, device, datasets.loader_workers(cfg.resources.cpus))
-        probe = latency_probe(cfg, self.data, record_path.parent.parent / TABLE)
+        measures = cfg.latency.measure or cfg.space.measures_latency or cfg.model.match == "latency"
+        # only where a time is wanted: the probe holds a batch on the device
+        table = record_path.parent.parent / TABLE
+        probe = latency_probe(cfg, self.data, table) if measures else None
         earlier = _earlier_record(cfg, record_path)
         solved = solved_config(cfg, earlier)
         self.model = build_model(
@@ -223,8 +226,7 @@ class Trial:
                                world_size=world_size)  # fmt: skip
         self.record_path = record_path
         self.record = self._initial_record(cfg, seed, trial_id, point, origin or provenance())
-        measures = cfg.latency.measure or cfg.space.measures_latency or cfg.model.match == "latency"
-        if rank == 0 and measures:
+        if rank == 0 and probe is not None:
             measured = earlier.get("latency_ms") or probe(self.trainer.model)
             self.record["latency_ms"] = round(measured, 4)
 
