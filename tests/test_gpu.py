@@ -68,10 +68,11 @@ def test_the_trainer_on_cuda_in_fp32_and_bf16_nchw_and_channels_last(amp, layout
 def test_every_impl_matches_native_on_cuda(impl, dtype, layout):
     for towers in (1, 2, 8, 32):
         torch.manual_seed(towers)
-        ref = TowerConv2d(32, 32, towers=towers, bias=True).to("cuda", dtype, layout)
+        ref = TowerConv2d(32, 32, towers=towers, bias=True).to("cuda", dtype)
+        ref.to(memory_format=layout)
         other = TowerConv2d(32, 32, towers=towers, bias=True, impl=impl)
         other.load_state_dict(ref.state_dict())
-        other.to("cuda", dtype, layout)  # weights in the layout too, as a channels_last model has
+        other.to("cuda", dtype).to(memory_format=layout)  # weights in the layout, as a model has
         x = torch.randn(4, 32, 9, 9, device="cuda", dtype=dtype)
         x = x.contiguous(memory_format=layout).requires_grad_()
         x2 = x.detach().clone().requires_grad_()
