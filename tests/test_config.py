@@ -353,13 +353,13 @@ def test_sweep_command_refuses_bad_input_before_anything_starts(project, capsys)
     assert sorted(p.relative_to(project) for p in project.rglob("*")) == before  # nothing written
 
 
-def test_object_store_storage_is_refused_not_folded_into_a_local_folder(project, capsys):
+def test_a_storage_uri_pyarrow_cannot_open_is_refused_not_folded_into_a_folder(project, capsys):
     path = _write(project, BASE)
     before = sorted(p.relative_to(project) for p in project.rglob("*"))
-    assert main(["sweep", str(path), "--storage", "s3://bucket/runs"]) == 2
+    assert main(["sweep", str(path), "--storage", "nosuch://bucket/runs"]) == 2
     assert capsys.readouterr().err == (
-        "towerspace: error: --storage s3://bucket/runs: object-store URIs are not supported "
-        "(trial records are plain files); use a folder that every node mounts, such as an NFS "
-        "path\n"
+        "towerspace: error: --storage nosuch://bucket/runs: cannot open it (Unrecognized "
+        "filesystem type in URI: nosuch://bucket/runs); allowed: a folder, or a URI that "
+        "pyarrow.fs opens (s3://, gs://, hdfs://, file://)\n"
     )
     assert sorted(p.relative_to(project) for p in project.rglob("*")) == before

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, TextIO
 
 from towerspace.choices import DEVICES, EXPORT_FORMATS, MATCHES, MIDS, ORDERS, STEMS
 from towerspace.errors import UserError
+from towerspace.objectstore import is_uri
 from towerspace.status import FAILED
 
 if TYPE_CHECKING:  # a command imports what it uses when it runs: --help loads no torch
@@ -156,20 +157,24 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     if args.resume and args.restart:
         raise UserError("--resume and --restart exclude each other: continue, or start over")
+
+    def finish(outcome) -> None:  # under the sweep's lock, before a store's last upload
+        counts = ", ".join(f"{n} {status}" for status, n in sorted(outcome.statuses.items()))
+        print(f"\n{cfg.name}: {sum(outcome.statuses.values())} trials ({counts})")
+        _print_failures(outcome.results_path)
+        _report(outcome.sweep_dir, tables=outcome.tables, shown_as=outcome.uri)
+
     outcome = sweep.run_sweep(
         cfg, storage=storage, address=args.address, restart=args.restart, resume=args.resume,
         retry_errored=args.retry_errored,  # a resumed sweep was confirmed when it started
         confirm=lambda checked, built: _confirm_cost(checked, args.throughput, threshold,
                                                      yes=args.yes, stdin=sys.stdin, built=built),
+        finish=finish,
     )  # fmt: skip
-    counts = ", ".join(f"{n} {status}" for status, n in sorted(outcome.statuses.items()))
-    print(f"\n{cfg.name}: {sum(outcome.statuses.values())} trials ({counts})")
-    _print_failures(outcome.results_path)
-    _report(outcome.sweep_dir, tables=outcome.tables)  # the tables the sweep wrote
     from towerspace.progress import tensorboard_line
 
     board = tensorboard_line(outcome.sweep_dir)  # Ray's banner named a staging copy instead
-    if board:
+    if board and outcome.uri is None:
         print(board)
     if outcome.unfinished:
         print(f"{cfg.name}: interrupted with {outcome.unfinished} trials unfinished; the same "
@@ -320,7 +325,14 @@ def _print_loader_speed(cfg, device: str) -> None:
           f"({speed['images_per_s_per_worker']:,.0f} per worker)")  # fmt: skip
 
 
-def _report(sweep_dir: Path, out: Path | None = None, tables: results.Tables | None = None) -> None:
+def _report(
+    sweep_dir: Path,
+    out: Path | None = None,
+    tables: results.Tables | None = None,
+    shown_as: str | None = None,
+) -> None:
+    """Write a sweep's report and print its summary and files (shown_as: the sweep's URI, for
+    a staging folder that is uploaded there)."""
     import pandas as pd
 
     from towerspace.report import write_report
@@ -343,17 +355,29 @@ def _report(sweep_dir: Path, out: Path | None = None, tables: results.Tables | N
     from towerspace.files import shown
 
     where = shown(out or sweep_dir)
-    print(f"results: {where / 'results.parquet'}\nhistory: {where / 'history.parquet'}")
+    if shown_as is not None and out is None:  # the files as they are on the store
+        where = shown_as
+    print(f"results: {where}/results.parquet\nhistory: {where}/history.parquet")
     pngs = [shown(p) for p in report.figures if p.suffix == ".png"]
+    if shown_as is not None and out is None:
+        pngs = [f"{where}/{p.relative_to(sweep_dir).as_posix()}" for p in report.figures
+                if p.suffix == ".png"]  # fmt: skip
     print("figures:\n" + "\n".join(f"  {p}" for p in pngs))
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    """Rebuild a sweep's tables and draw its figures."""
+    """Rebuild a sweep's tables and draw its figures (on a store: uploaded there)."""
+    out = Path(args.out) if args.out else None
+    if is_uri(args.results_dir):
+        from towerspace.objectstore import staged
+
+        with staged(args.results_dir, write=out is None) as sweep_dir:
+            _report(sweep_dir, out, shown_as=args.results_dir.rstrip("/"))
+        return 0
     sweep_dir = Path(args.results_dir)
     if not (sweep_dir / "records").is_dir():
         raise UserError(f"{sweep_dir}: no sweep here (no records/ folder)")
-    _report(sweep_dir, Path(args.out) if args.out else None)
+    _report(sweep_dir, out)
     return 0
 
 
@@ -531,7 +555,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument(
         "--storage",
         default=None,
-        help="folder for sweeps (default: the experiment's storage, else ./runs)",
+        help="folder for sweeps, or a URI (s3://bucket/prefix, gs://, hdfs://, file://: see "
+        "docs/scaling.md) (default: the experiment's storage, else ./runs)",
     )
     sweep.add_argument(
         "--address",
@@ -611,7 +636,8 @@ def build_parser() -> argparse.ArgumentParser:
     est.set_defaults(func=cmd_estimate)
 
     plot = command("plot", "rebuild a sweep's tables and draw its figures")
-    plot.add_argument("results_dir", help="a sweep's folder, e.g. runs/digits_continuum")
+    plot.add_argument("results_dir", help="a sweep's folder, e.g. runs/digits_continuum, or "
+                      "its URI (the figures are uploaded there)")  # fmt: skip
     plot.add_argument("--out", default=None, metavar="FOLDER",
                       help="write the tables and figures there, for a sweep folder you cannot "
                       "or should not write (default: the sweep's folder)")  # fmt: skip
@@ -718,8 +744,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     from towerspace import plan, results
 
-    sweep_dir = Path(args.sweep_dir)
-    if not (sweep_dir / results.RECORDS).is_dir():
+    sweep_dir = args.sweep_dir if is_uri(args.sweep_dir) else Path(args.sweep_dir)
+    if not is_uri(sweep_dir) and not (sweep_dir / results.RECORDS).is_dir():
         raise UserError(f"{sweep_dir}: no sweep here (no {results.RECORDS}/ folder)")
     table, lines = plan.plan(results.load(sweep_dir), args.delta, reference=args.reference,
                              power=args.power)  # fmt: skip
@@ -732,7 +758,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def _add_plan_parser(command: Callable[[str, str], argparse.ArgumentParser]) -> None:
     plan = command("plan", "seeds per point that resolve an accuracy difference, and their cost")
-    plan.add_argument("sweep_dir", help="a sweep (or pilot) with 2 or more seeds per point")
+    plan.add_argument("sweep_dir", help="a sweep (or pilot) with 2 or more seeds per point "
+                      "(a folder or a URI)")  # fmt: skip
     plan.add_argument("--delta", type=_fraction, required=True,
                       help="the true difference in accuracy to detect, e.g. 0.005")  # fmt: skip
     plan.add_argument("--power", type=_fraction, default=0.8,
@@ -745,11 +772,20 @@ def _add_plan_parser(command: Callable[[str, str], argparse.ArgumentParser]) -> 
 
 def cmd_status(args: argparse.Namespace) -> int:
     """A sweep's progress from its folder, without Ray and writing nothing."""
+    import dataclasses
     import json
 
     from towerspace import progress
 
-    report = progress.read_progress(Path(args.sweep_dir))
+    if is_uri(args.sweep_dir):
+        from towerspace.objectstore import SweepStore, staged
+
+        store = SweepStore(args.sweep_dir, Path("."), what=args.sweep_dir)  # its lease
+        with staged(args.sweep_dir) as sweep_dir:
+            report = progress.read_progress(sweep_dir, holder=lambda _: store.holder())
+        report = dataclasses.replace(report, sweep_dir=args.sweep_dir.rstrip("/"))
+    else:
+        report = progress.read_progress(Path(args.sweep_dir))
     print(
         json.dumps(report.to_json(), indent=1) if args.json else "\n".join(progress.lines(report))
     )
@@ -762,7 +798,8 @@ def _add_status_parser(command: Callable[[str, str], argparse.ArgumentParser]) -
         "a sweep's progress: trials by status, best so far, elapsed, ETA (reads its folder "
         "only, without Ray: safe while it runs)",
     )
-    status.add_argument("sweep_dir", help="a sweep's folder, e.g. runs/digits_continuum")
+    status.add_argument("sweep_dir", help="a sweep's folder, e.g. runs/digits_continuum, or its "
+                        "URI, e.g. s3://bucket/runs/digits_continuum")  # fmt: skip
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(func=cmd_status)
 

@@ -115,7 +115,7 @@ class ExperimentConfig:
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig,
                                        metadata={"parse": _scheduler})  # fmt: skip
-    storage: str | None = None  # folder for sweeps; None: the command line's default
+    storage: str | None = None  # folder or URI (s3://bucket/runs) for sweeps; None: the CLI default
     retries: int = field(default=0, metadata={"min": 0})  # a raising trial is retried this often
     latency: LatencyConfig = field(default_factory=LatencyConfig)  # measured when searched on
     faults: FaultConfig = field(default_factory=FaultConfig)  # for testing only

@@ -8,7 +8,7 @@ import json
 import math
 import time
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -106,7 +106,11 @@ def _field(raw: Mapping[str, Any], section: str, key: str, kind: type, default: 
     return value if isinstance(value, kind) and not isinstance(value, bool) else default
 
 
-def read_progress(sweep_dir: str | Path, now: float | None = None) -> SweepProgress:
+def read_progress(
+    sweep_dir: str | Path,
+    now: float | None = None,
+    holder: Callable[[Path], dict[str, Any] | None] = storage.holder,
+) -> SweepProgress:
     """A sweep's progress from its experiment.json, trial records, trial folders and lock.
 
     Read-only: the records are each written whole (a rename), so a running sweep is read as it
@@ -135,7 +139,7 @@ def read_progress(sweep_dir: str | Path, now: float | None = None) -> SweepProgr
     times = [h["epoch_time_s"] for r in records for h in r["history"]
              if math.isfinite(h.get("epoch_time_s", math.nan))]  # fmt: skip
     mean = sum(times) / len(times) if times else None
-    driver = storage.holder(sweep_dir)
+    driver = holder(sweep_dir)
     at_once = counts[Status.RUNNING]
     return SweepProgress(
         sweep_dir=str(sweep_dir), name=str(raw.get("name", sweep_dir.name)), metric=space.metric,

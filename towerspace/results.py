@@ -17,6 +17,7 @@ import pandas as pd
 import pyarrow as pa
 
 from towerspace import files
+from towerspace.objectstore import is_uri, staged
 from towerspace.status import Status
 from towerspace.towers import label_order
 
@@ -385,7 +386,11 @@ def _read_parquet(path: Path, rebuild, schema: Mapping[str, Column]) -> pd.DataF
 
 
 def load(path: str | Path) -> pd.DataFrame:
-    """The results table of a sweep directory (rebuilt from its records) or a parquet file."""
+    """The results table of a sweep directory (rebuilt from its records), of a sweep on object
+    storage (s3://bucket/runs/NAME, read through pyarrow.fs), or of a parquet file."""
+    if is_uri(path):
+        with staged(str(path)) as folder:
+            return load(folder)
     path = Path(path)
     if path.suffix == ".parquet":
         return _read_parquet(path, results_table, RESULTS_SCHEMA)
@@ -395,7 +400,10 @@ def load(path: str | Path) -> pd.DataFrame:
 
 
 def load_history(path: str | Path) -> pd.DataFrame:
-    """The per-epoch history table of a sweep directory or its history.parquet."""
+    """The per-epoch history table of a sweep directory (or URI) or its history.parquet."""
+    if is_uri(path):
+        with staged(str(path)) as folder:
+            return load_history(folder)
     path = Path(path)
     if path.suffix == ".parquet":
         return _read_parquet(path, history_table, HISTORY_SCHEMA)

@@ -200,7 +200,9 @@ class Trial:
         origin: Mapping[str, Any] | None = None,
         rank: int = 0,
         world_size: int = 1,
+        on_write: Callable[[Path], None] | None = None,
     ) -> None:
+        self.on_write = on_write  # after each write of the record: its upload to a store
         self.faults = cfg.faults if _targets(cfg.faults.point, point, seed) else None
         self.rank = rank  # data-parallel workers: only worker 0 writes the record
         seed_everything(seed)
@@ -350,3 +352,5 @@ class Trial:
     def _write(self) -> None:
         if self.rank == 0:
             write_json(self.record_path, self.record)
+            if self.on_write is not None:
+                self.on_write(self.record_path)

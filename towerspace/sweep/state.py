@@ -12,7 +12,6 @@ import contextlib
 import json
 import math
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -25,29 +24,35 @@ from towerspace import storage as storage_lib
 from towerspace.config import ExperimentConfig, to_dict
 from towerspace.errors import ConfigError, DiskFull, StorageError
 from towerspace.files import write_json
+from towerspace.objectstore import SweepStore, is_uri, open_uri
 from towerspace.status import Status
 from towerspace.sweep.disk import no_space
 from towerspace.trial import TRAIN_RUNS, failed_record
 
-URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:/")  # s3://, gs://, hdfs://, file:/ ...
 EXPERIMENT_FILE = storage_lib.EXPERIMENT_FILE
 
 
-def resolve_storage(storage: str | Path) -> Path:
-    """The storage folder as an absolute path; object-store URIs are refused, not mangled."""
-    if URI.match(str(storage)):  # Path() would fold s3://bucket into a local folder s3:/bucket
-        raise StorageError(f"--storage {storage}: object-store URIs are not supported (trial "
-                           f"records are plain files); use a folder that every node mounts, "
-                           f"such as an NFS path")  # fmt: skip
+def resolve_storage(storage: str | Path) -> Path | str:
+    """The storage folder as an absolute path, or a URI (s3://, gs://, ...) as given."""
+    if is_uri(storage):  # Path() would fold s3://bucket into a local folder s3:/bucket
+        open_uri(str(storage), f"--storage {storage}")  # an unknown scheme, a store not there
+        return str(storage).rstrip("/")
     return Path(storage).expanduser().resolve()
 
 
 def plan_storage(
-    cfg: ExperimentConfig, storage: Path, restart: bool, resume: bool, probe: bool = True
+    cfg: ExperimentConfig,
+    storage: Path,
+    restart: bool,
+    resume: bool,
+    probe: bool = True,
+    store: SweepStore | None = None,
 ) -> Path:
     """The sweep's directory, checked but not yet written: refuse what cannot or must not go
-    (probe: also a folder that another driver has locked)."""
+    (probe: also a folder that another driver has locked). With a store, storage is the
+    staging folder's parent and Ray's state is on the store."""
     sweep_dir = storage_lib.sweep_folder(storage, cfg.name)
+    where = sweep_dir if store is None else store.uri  # as the user named it
     if probe:
         action = "--resume" if resume else "--restart" if restart else "sweep"
         storage_lib.refuse_if_locked(sweep_dir, action)
@@ -58,15 +63,18 @@ def plan_storage(
                                f"real folders (nothing is written through a link)")  # fmt: skip
     if resume:
         if not exists:
-            raise StorageError(f"--resume: no sweep named {cfg.name!r} under {storage}")
-        _check_same_experiment(cfg, sweep_dir)
-        if not tune.Tuner.can_restore(str(sweep_dir)):
-            raise StorageError(f"--resume: {sweep_dir} holds no Ray Tune state to resume; "
-                               f"pass --restart to start over")  # fmt: skip
+            raise StorageError(
+                f"--resume: no sweep named {cfg.name!r} under "
+                f"{storage if store is None else store.uri.rsplit('/', 1)[0]}"
+            )
+        _check_same_experiment(cfg, sweep_dir, where)
+        if not tune.Tuner.can_restore(str(where)):
+            raise StorageError(f"--resume: {where} holds no Ray Tune state to resume; pass "
+                               f"--restart to start over")  # fmt: skip
         return sweep_dir
     if exists and not restart:
         raise StorageError(
-            f"{sweep_dir}: a sweep named {cfg.name!r} is already there; pass --resume to "
+            f"{where}: a sweep named {cfg.name!r} is already there; pass --resume to "
             f"continue it or --restart to replace it (or --storage to write elsewhere)"
         )
     if exists:
@@ -84,10 +92,14 @@ def plan_storage(
     return sweep_dir
 
 
-def create_storage(cfg: ExperimentConfig, sweep_dir: Path, restart: bool) -> list[str]:
+def create_storage(
+    cfg: ExperimentConfig, sweep_dir: Path, restart: bool, store: SweepStore | None = None
+) -> list[str]:
     """Write the sweep's folder (its lock is held): clear an old sweep when restarting, record
-    the experiment. Returns what a restart removed."""
+    the experiment. Returns what a restart removed (on a store: its prefix, Ray's too)."""
     removed = storage_lib.clear(sweep_dir) if restart and storage_lib.occupied(sweep_dir) else []
+    if restart and store is not None:
+        store.clear_remote()
     try:
         (sweep_dir / results.RECORDS).mkdir(parents=True, exist_ok=True)
         write_json(sweep_dir / EXPERIMENT_FILE, _comparable(cfg))
@@ -100,12 +112,13 @@ def _comparable(cfg: ExperimentConfig) -> dict[str, Any]:
     return {k: v for k, v in to_dict(cfg).items() if k not in ("source", "storage")}
 
 
-def _check_same_experiment(cfg: ExperimentConfig, sweep_dir: Path) -> None:
+def _check_same_experiment(cfg: ExperimentConfig, sweep_dir: Path, where=None) -> None:
     path = sweep_dir / EXPERIMENT_FILE
+    where = sweep_dir if where is None else where  # the sweep as the user named it
     try:
         stored = json.loads(path.read_text())
     except (OSError, ValueError):
-        raise ConfigError(f"--resume: {sweep_dir} is not a towerspace sweep (no readable "
+        raise ConfigError(f"--resume: {where} is not a towerspace sweep (no readable "
                           f"{EXPERIMENT_FILE})") from None  # fmt: skip
     now = json.loads(json.dumps(_comparable(cfg)))
     # a field added to towerspace after the sweep started is unchanged if it has its default
@@ -114,7 +127,7 @@ def _check_same_experiment(cfg: ExperimentConfig, sweep_dir: Path) -> None:
         d for d in _differences(stored, now) if not _added_default(d, stored, defaults, now)
     )
     if changed:
-        raise ConfigError(f"--resume: {sweep_dir} holds a different experiment (changed: "
+        raise ConfigError(f"--resume: {where} holds a different experiment (changed: "
                           f"{', '.join(changed)})")  # fmt: skip
 
 

@@ -16,6 +16,7 @@ from ray.tune.search.optuna import OptunaSearch
 from ray.tune.search.repeater import TRIAL_INDEX
 
 from towerspace.config import ExperimentConfig
+from towerspace.objectstore import SYNC_EVERY_S
 from towerspace.progress import duration, eta_s
 from towerspace.spaces import SpaceConfig
 from towerspace.status import Status
@@ -184,10 +185,29 @@ class Progress(tune.Callback):
         self._print(trial, Status.ERROR, self._result(trial.last_result or {}))
 
 
+class StoreSync(tune.Callback):
+    """Uploads the staging folder's changes to the sweep's object store as trials report (at
+    most every SYNC_EVERY_S) and whenever one ends."""
+
+    def __init__(self, store) -> None:
+        self.store = store
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        self.store.push(force=False)
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self.store.push()
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self.store.push()
+
+
 def make_tuner(
-    cfg: ExperimentConfig, trainable, storage: Path, total: int, watch: tune.Callback
+    cfg: ExperimentConfig, trainable, storage: Path | str, total: int, callbacks: list
 ) -> tune.Tuner:
-    """A new sweep's Tuner: its space, searcher, scheduler, concurrency, storage and callbacks."""
+    """A new sweep's Tuner: its space, searcher, scheduler, concurrency, storage and callbacks
+    (storage a folder, or a URI where Ray keeps its state and checkpoints on the store)."""
+    on_store = isinstance(storage, str)
     repeats = 1 if cfg.space.searcher == "grid" else len(cfg.seeds)
     return tune.Tuner(
         trainable,
@@ -212,7 +232,10 @@ def make_tuner(
             # the checkpoints of the last minutes instead
             checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
             failure_config=tune.FailureConfig(max_failures=cfg.retries),
-            callbacks=[Progress(total, cfg.train.epochs), watch],
+            callbacks=[Progress(total, cfg.train.epochs), *callbacks],
+            # on a store, Ray uploads its state this often (its default, 300 s, would leave a
+            # killed sweep nothing to resume)
+            sync_config=tune.SyncConfig(sync_period=SYNC_EVERY_S) if on_store else None,
             verbose=0,
         ),
     )
